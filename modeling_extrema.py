@@ -1,0 +1,659 @@
+"""ExtreMA: Extreme Masking for Learning Instance and Distributed Visual Representations.
+
+Wu et al., 2022 (https://arxiv.org/abs/2206.04667); official code https://github.com/microsoft/ExtreMA.
+
+ExtreMA is BYOL where the augmentation is random token masking:
+
+    teacher (momentum ViT) ── full image ────────────────> class token ─> projector ──────────────> z   (target)
+    student (ViT)          ── 10-25% of the patches, ───> class token ─> projector ─> predictor ─> p   (prediction)
+                              several disjoint masks
+    loss = mean over masks and images of || p/|p| - z/|z| ||^2      (asymmetric: only the student gets gradients)
+    teacher <- m * teacher + (1 - m) * student                      (after each optimizer step)
+
+The backbone (`ExtremaModel`) is a plain ViT over the patch tokens (the distributed representation), with a FIXED
+2-D sin-cos position table and no class token at the input, followed by CaiT class-attention blocks
+(Touvron et al., 2021) in which a class token attends over the patch tokens without changing them. The class token
+after the final LayerNorm is the instance representation. Appending the class token late is what makes training
+stable under extreme masking (paper, appendix A).
+
+Reading order: outputs, embeddings (with the masking gather), attention, MLP, layers, encoder, the bare model, then
+the pre-training and classification heads. This file is shipped as remote code, so it imports only torch,
+transformers and its configuration.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+    PreTrainedModel,
+)
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+try:  # loaded as remote code (a package made by transformers) or from this repository (a top-level module)
+    from .configuration_extrema import ExtremaConfig
+except ImportError:
+    from configuration_extrema import ExtremaConfig
+
+
+@dataclass
+class ExtremaForPreTrainingOutput(ModelOutput):
+    """
+    Output of [`ExtremaForPreTraining`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): the BYOL (or InfoNCE) loss averaged over masks.
+        predictions (`torch.FloatTensor` of shape `(num_masks * batch_size, projection_dim)`): the student's
+            predictions, mask-major (all images of mask 0, then mask 1, ...).
+        targets (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): the teacher's projections.
+        ids_keep (`torch.LongTensor` of shape `(num_masks, batch_size, num_visible)`): visible patch indices.
+        student_pooler_output (`torch.FloatTensor` of shape `(num_masks * batch_size, hidden_size)`): the student's
+            instance representations of the masked views.
+        teacher_pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): the teacher's instance
+            representations of the full views.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    targets: torch.FloatTensor | None = None
+    ids_keep: torch.LongTensor | None = None
+    student_pooler_output: torch.FloatTensor | None = None
+    teacher_pooler_output: torch.FloatTensor | None = None
+
+
+def sincos_position_embedding(hidden_size: int, grid_size: int) -> torch.Tensor:
+    """The 2-D sin-cos position table of MAE / ExtreMA, shape (1, grid_size**2, hidden_size), patches row-major.
+
+    The first half of the channels encodes the column, the second half the row, each as [sin(pos * w), cos(pos * w)]
+    with w = 10000^(-k / (D/4)), k < D/4. Computed in float64 like the official numpy code.
+    """
+    omega = 1.0 / 10000 ** (torch.arange(hidden_size // 4, dtype=torch.float64) / (hidden_size / 4))
+    angles = torch.outer(torch.arange(grid_size, dtype=torch.float64), omega)  # (G, D/4)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (G, D/2)
+    cols = axis[None, :, :].expand(grid_size, -1, -1)  # (G, G, D/2): depends on the column
+    rows = axis[:, None, :].expand(-1, grid_size, -1)  # (G, G, D/2): depends on the row
+    return torch.cat([cols, rows], dim=-1).reshape(1, grid_size * grid_size, hidden_size).float()
+
+
+class ExtremaPatchEmbeddings(nn.Module):
+    """Non-overlapping patches to vectors with one strided convolution: (B, C, H, W) -> (B, N, D)."""
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = config.patch_size
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"Expected pixel_values of shape (batch, {self.num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}; convert grayscale/RGBA images to RGB (an image processor does this)."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Image size {height}x{width} is not divisible by the patch size {self.patch_size}; resize or crop it."
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+class ExtremaEmbeddings(nn.Module):
+    """Patch embedding + position table, then (for the student) the visible patches of every mask.
+
+    The position table is the fixed sin-cos table (not trained; a buffer so that checkpoints carry it exactly). No
+    class token is added here: it is appended after the self-attention blocks (CaiT style).
+    """
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = ExtremaPatchEmbeddings(config)
+        self.grid_size = config.image_size // config.patch_size
+        self.register_buffer(
+            "position_embeddings", sincos_position_embedding(config.hidden_size, self.grid_size), persistent=True
+        )
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """The position table resampled (bicubic, as in ViT / DINOv2) to a (height, width) image: (1, h*w, D)."""
+        grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
+        if (grid_h, grid_w) == (self.grid_size, self.grid_size):
+            return self.position_embeddings
+        table = self.position_embeddings.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(self.position_embeddings.dtype)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        ids_keep: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+    ) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        if (height, width) != (self.config.image_size,) * 2 and interpolate_pos_encoding is False:
+            raise ValueError(
+                f"Input image size ({height}x{width}) doesn't match the model ({self.config.image_size}x"
+                f"{self.config.image_size}); pass interpolate_pos_encoding=True (or None) to interpolate positions."
+            )
+        embeddings = self.patch_embeddings(pixel_values)  # (B, N, D)
+        embeddings = embeddings + self.interpolate_pos_encoding(height, width).to(embeddings.dtype)
+        if ids_keep is None:
+            return embeddings
+
+        # The image is embedded once; each mask then gathers its visible tokens by index (no per-mask copy of the
+        # image), so all masked views of the batch go through the encoder as one (num_masks * B, K, D) batch.
+        ids_keep = check_ids_keep(ids_keep, batch_size=embeddings.shape[0], num_patches=embeddings.shape[1])
+        num_masks, batch_size, _ = ids_keep.shape
+        batch_index = torch.arange(batch_size, device=embeddings.device).view(1, batch_size, 1)
+        embeddings = embeddings[batch_index, ids_keep]  # (M, B, K, D)
+        return embeddings.flatten(0, 1)  # (M * B, K, D), mask-major
+
+
+def check_ids_keep(ids_keep: torch.Tensor, batch_size: int, num_patches: int) -> torch.LongTensor:
+    """Validate visible-patch indices of shape (B, K) or (num_masks, B, K); returns them as (num_masks, B, K)."""
+    if ids_keep.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids_keep must hold integer patch indices, got dtype {ids_keep.dtype}.")
+    if ids_keep.ndim == 2:
+        ids_keep = ids_keep.unsqueeze(0)
+    if ids_keep.ndim != 3 or ids_keep.shape[1] != batch_size:
+        raise ValueError(
+            f"ids_keep must have shape (batch={batch_size}, visible) or (num_masks, {batch_size}, visible), "
+            f"got {tuple(ids_keep.shape)}."
+        )
+    if ids_keep.numel() and (int(ids_keep.min()) < 0 or int(ids_keep.max()) >= num_patches):
+        raise ValueError(
+            f"ids_keep indexes patches in [{int(ids_keep.min())}, {int(ids_keep.max())}] but the image has "
+            f"{num_patches} patches (valid indices 0..{num_patches - 1}, row-major)."
+        )
+    return ids_keep.long()
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Softmax attention written out, for `output_attentions`. query (B, H, Tq, d); key/value (B, H, Tk, d)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, Tq, H, d)
+    return attn_output, attn_weights
+
+
+def get_attention_function(config: ExtremaConfig, output_attentions: bool):
+    """sdpa (or another registered kernel) unless attention maps are requested: only eager can return them."""
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if output_attentions or implementation == "eager":
+        return eager_attention_forward
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+class ExtremaSelfAttention(nn.Module):
+    """Multi-head self-attention over the patch tokens, with a fused qkv projection (the official layout)."""
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_probs_dropout_prob
+        self.is_causal = False  # the sdpa integration assumes causal attention unless told otherwise
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
+        attention = get_attention_function(self.config, output_attentions)
+        attn_output, attn_weights = attention(
+            self, query, key, value, None, scaling=self.scaling, dropout=self.dropout if self.training else 0.0
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, hidden_size)  # (B, T, H, d) -> (B, T, D)
+        return self.proj(attn_output), attn_weights
+
+
+class ExtremaClassAttention(nn.Module):
+    """CaiT class attention: only the class token queries; keys and values come from [cls; patch tokens]."""
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.q = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.v = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        # hidden_states: (B, 1 + N, D), the normalised [cls; patches]
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        query = self.q(hidden_states[:, :1]).view(batch_size, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        attention = get_attention_function(self.config, output_attentions)
+        attn_output, attn_weights = attention(
+            self, query, key, value, None, scaling=self.scaling, dropout=self.dropout if self.training else 0.0
+        )  # (B, 1, H, d), (B, H, 1, 1 + N)
+        return self.proj(attn_output.reshape(batch_size, 1, hidden_size)), attn_weights
+
+
+class ExtremaMLP(nn.Module):
+    def __init__(self, config: ExtremaConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the residual branch of whole samples, rescaling the kept ones."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    return x * mask / keep_prob
+
+
+class ExtremaLayer(GradientCheckpointingLayer):
+    """Pre-norm ViT block (no layer scale, as in the official backbone)."""
+
+    def __init__(self, config: ExtremaConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ExtremaSelfAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ExtremaMLP(config)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        attn_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + drop_path(attn_output, self.drop_path_rate, self.training)
+        mlp_output = self.mlp(self.layernorm_after(hidden_states))
+        hidden_states = hidden_states + drop_path(mlp_output, self.drop_path_rate, self.training)
+        return hidden_states, attn_weights
+
+
+class ExtremaClassAttentionLayer(nn.Module):
+    """CaiT `LayerScaleBlockClassAttn`: updates only the class token; the patch tokens pass through unchanged."""
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ExtremaClassAttention(config)
+        self.layer_scale_1 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ExtremaMLP(config)
+        self.layer_scale_2 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
+
+    def forward(self, patch_tokens: torch.Tensor, cls_token: torch.Tensor, output_attentions: bool = False):
+        tokens = torch.cat([cls_token, patch_tokens], dim=1)  # (B, 1 + N, D)
+        attn_output, attn_weights = self.attention(self.layernorm_before(tokens), output_attentions)
+        cls_token = cls_token + self.layer_scale_1 * attn_output  # (B, 1, D)
+        cls_token = cls_token + self.layer_scale_2 * self.mlp(self.layernorm_after(cls_token))
+        return cls_token, attn_weights
+
+
+class ExtremaEncoder(nn.Module):
+    """Self-attention blocks over the patch tokens, then class-attention blocks that build the class token."""
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__()
+        # stochastic depth grows linearly with depth; the class-attention blocks have none (as in the official code)
+        rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.num_hidden_layers)]
+        self.layer = nn.ModuleList([ExtremaLayer(config, rate) for rate in rates])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.class_attention_layer = nn.ModuleList(
+            [ExtremaClassAttentionLayer(config) for _ in range(config.num_class_attention_layers)]
+        )
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions=False, output_hidden_states=False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layer:
+            hidden_states, attn_weights = layer(hidden_states, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+
+        cls_token = self.cls_token.expand(hidden_states.shape[0], -1, -1)  # (B, 1, D)
+        for layer in self.class_attention_layer:
+            cls_token, attn_weights = layer(hidden_states, cls_token, output_attentions)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return torch.cat([cls_token, hidden_states], dim=1), all_hidden_states, all_attentions  # (B, 1 + N, D)
+
+
+class ExtremaPreTrainedModel(PreTrainedModel):
+    config_class = ExtremaConfig
+    config: ExtremaConfig
+    base_model_prefix = "extrema"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ExtremaEmbeddings", "ExtremaLayer", "ExtremaClassAttentionLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """The official init: xavier-uniform linears (JAX ViT), patch embedding as a linear, class token N(0, 0.02).
+
+        Every branch keys on the module that owns the parameters, so that transformers can skip modules whose
+        weights were loaded from a checkpoint.
+        """
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ExtremaEmbeddings):
+            if not getattr(module.position_embeddings, "_is_hf_initialized", False):
+                module.position_embeddings.copy_(sincos_position_embedding(self.config.hidden_size, module.grid_size))
+        elif isinstance(module, ExtremaEncoder):
+            nn.init.normal_(module.cls_token, std=self.config.initializer_range)
+        elif isinstance(module, ExtremaClassAttentionLayer):
+            nn.init.constant_(module.layer_scale_1, self.config.layer_scale_init_value)
+            nn.init.constant_(module.layer_scale_2, self.config.layer_scale_init_value)
+        else:
+            super()._init_weights(module)
+
+
+class ExtremaModel(ExtremaPreTrainedModel):
+    """The ExtreMA backbone: patch tokens (distributed representation) and class token (instance representation).
+
+    `last_hidden_state` is (B, 1 + N, D) after the final LayerNorm: index 0 is the class token, 1.. the patch tokens;
+    `pooler_output` is the class token. With `ids_keep` (B, K) only the K listed patches are encoded; with
+    `ids_keep` (num_masks, B, K) every image is encoded once per mask and the outputs are stacked mask-major
+    (num_masks * B, 1 + K, D). `attentions` holds one (B, H, N, N) map per self-attention layer followed by one
+    (B, H, 1, 1 + N) class-attention map per class-attention layer; `hidden_states` the (B, N, D) patch tokens after
+    the embeddings and after every self-attention layer.
+    """
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = ExtremaEmbeddings(config)
+        self.encoder = ExtremaEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> ExtremaPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        ids_keep: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        embeddings = self.embeddings(pixel_values, ids_keep, interpolate_pos_encoding)  # (B', K, D)
+        tokens, hidden_states, attentions = self.encoder(embeddings, output_attentions, output_hidden_states)
+        sequence_output = self.layernorm(tokens)  # (B', 1 + K, D)
+        pooled_output = sequence_output[:, 0]
+        if not return_dict:
+            return tuple(v for v in (sequence_output, pooled_output, hidden_states, attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+
+def build_mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int) -> nn.Sequential:
+    """BYOL head with LayerNorm + GELU instead of BatchNorm + ReLU: (Linear-LayerNorm-GELU) x (n-1), then Linear."""
+    layers = []
+    for i in range(num_layers):
+        layers.append(nn.Linear(input_dim if i == 0 else hidden_dim, output_dim if i == num_layers - 1 else hidden_dim))
+        if i < num_layers - 1:
+            layers += [nn.LayerNorm(hidden_dim), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+class ExtremaForPreTraining(ExtremaPreTrainedModel):
+    """ExtreMA pre-training: student and momentum teacher backbones with BYOL heads.
+
+    Call `update_teacher(momentum)` after every optimizer step (not inside `forward`, so that gradient accumulation
+    does not move the teacher several times per step).
+    """
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__(config)
+        self.student = ExtremaModel(config)
+        self.teacher = ExtremaModel(config)
+        self.student_projector = build_mlp(3, config.hidden_size, config.projector_hidden_size, config.projection_dim)
+        self.teacher_projector = build_mlp(3, config.hidden_size, config.projector_hidden_size, config.projection_dim)
+        self.predictor = build_mlp(2, config.projection_dim, config.predictor_hidden_size, config.projection_dim)
+        self.post_init()
+        self.reset_teacher()
+
+    def _student_and_teacher_parameters(self):
+        student = [*self.student.parameters(), *self.student_projector.parameters()]
+        teacher = [*self.teacher.parameters(), *self.teacher_projector.parameters()]
+        return student, teacher
+
+    @torch.no_grad()
+    def reset_teacher(self):
+        """Make the teacher an exact copy of the student and exclude it from gradient descent."""
+        student, teacher = self._student_and_teacher_parameters()
+        for s, t in zip(student, teacher):
+            t.copy_(s)
+            t.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float):
+        """EMA step θ_t ← m·θ_t + (1 − m)·θ_s over backbone and projector, as one fused foreach op."""
+        student, teacher = self._student_and_teacher_parameters()
+        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+    def train(self, mode: bool = True):
+        # The teacher is an inference-only network: no drop path or dropout whatever the student does.
+        super().train(mode)
+        self.teacher.train(False)
+        return self
+
+    def random_masking(
+        self, batch_size: int, num_patches: int, device=None, noise: torch.Tensor | None = None
+    ) -> torch.LongTensor:
+        """Sample `num_masks` masks per image; returns visible patch indices (num_masks, B, K).
+
+        Disjoint masks are consecutive slices of ONE random permutation of an image's patches, so the masks of an
+        image never share a patch (complementary views); otherwise every mask has its own permutation. `noise`
+        (B, N), or (num_masks, B, N) for non-disjoint masks, fixes the permutations (argsort of the noise).
+        """
+        num_masks, disjoint = self.config.num_masks, self.config.disjoint_masks
+        num_visible = int(num_patches * (1 - self.config.mask_ratio))
+        if disjoint and num_masks * num_visible > num_patches:
+            raise ValueError(
+                f"{num_masks} disjoint masks of {num_visible} visible patches need more than the {num_patches} "
+                "patches of the image; use fewer masks, a higher mask_ratio, or disjoint_masks=False."
+            )
+        noise_shape = (batch_size, num_patches) if disjoint else (num_masks, batch_size, num_patches)
+        if noise is None:
+            noise = torch.rand(noise_shape, device=device)
+        elif tuple(noise.shape) != noise_shape:
+            raise ValueError(f"noise must have shape {noise_shape}, got {tuple(noise.shape)}.")
+        ids_shuffle = torch.argsort(noise, dim=-1)
+        if disjoint:
+            # (B, M * K) -> (B, M, K) -> (M, B, K): mask i takes positions [i*K, (i+1)*K) of the permutation
+            return ids_shuffle[:, : num_masks * num_visible].view(batch_size, num_masks, num_visible).transpose(0, 1)
+        return ids_shuffle[..., :num_visible]  # (M, B, K)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_values_teacher: torch.Tensor | None = None,
+        ids_keep: torch.LongTensor | None = None,
+        noise: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ExtremaForPreTrainingOutput | tuple:
+        """`pixel_values` is the student's view (masked); `pixel_values_teacher` the teacher's (default: the same)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if pixel_values_teacher is None:
+            pixel_values_teacher = pixel_values
+        batch_size, _, height, width = pixel_values.shape
+        if ids_keep is None:
+            num_patches = (height // self.config.patch_size) * (width // self.config.patch_size)
+            ids_keep = self.random_masking(batch_size, num_patches, pixel_values.device, noise)
+
+        with torch.no_grad():
+            teacher_output = self.teacher(pixel_values_teacher)
+            targets = self.teacher_projector(teacher_output.pooler_output)  # (B, P)
+
+        student_output = self.student(pixel_values, ids_keep=ids_keep)  # all masks in one batch: (M * B, 1 + K, D)
+        predictions = self.predictor(self.student_projector(student_output.pooler_output))  # (M * B, P)
+
+        num_masks = predictions.shape[0] // batch_size
+        if self.config.loss == "byol":
+            loss = byol_loss(predictions, targets, num_masks)
+        else:
+            loss = infonce_loss(predictions, targets, num_masks, self.config.infonce_temperature)
+
+        output = ExtremaForPreTrainingOutput(
+            loss=loss,
+            predictions=predictions,
+            targets=targets,
+            ids_keep=ids_keep if ids_keep.ndim == 3 else ids_keep.unsqueeze(0),
+            student_pooler_output=student_output.pooler_output,
+            teacher_pooler_output=teacher_output.pooler_output,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def byol_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: int) -> torch.Tensor:
+    """Mean over masks and images of ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z). Computed in float32."""
+    p = F.normalize(predictions.float(), dim=-1).unflatten(0, (num_masks, -1))  # (M, B, P)
+    z = F.normalize(targets.float(), dim=-1)  # (B, P), shared by all masks
+    return (p - z).pow(2).sum(dim=-1).mean()
+
+
+def infonce_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: int, temperature: float):
+    """InfoNCE (MoCo v3 form, scaled by 2T) whose negatives are the targets of every process."""
+    p = F.normalize(predictions.float(), dim=-1).unflatten(0, (num_masks, -1))  # (M, B, P)
+    z = F.normalize(targets.float(), dim=-1)  # (B, P)
+    batch_size, rank = z.shape[0], 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+        gathered = [torch.empty_like(z) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, z.contiguous())  # targets carry no gradient
+        z = torch.cat(gathered)  # (world * B, P)
+    logits = torch.einsum("mbp,np->mbn", p, z) / temperature  # (M, B, world * B)
+    labels = torch.arange(batch_size, device=z.device) + rank * batch_size
+    return F.cross_entropy(logits.flatten(0, 1), labels.repeat(num_masks)) * (2 * temperature)
+
+
+class ExtremaForImageClassification(ExtremaPreTrainedModel):
+    """A classifier on the backbone.
+
+    `config.classifier_pooling="mean"`: LayerNorm on the mean of the patch tokens (the official fine-tuning recipe).
+    `"cls"`: a non-affine BatchNorm on the class token, then the linear layer (the official linear-probe recipe).
+    """
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.extrema = ExtremaModel(config)
+        if config.classifier_pooling == "mean":
+            self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.fc_norm = nn.BatchNorm1d(config.hidden_size, affine=False, eps=1e-6)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.extrema(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        if self.config.classifier_pooling == "mean":
+            features = outputs.last_hidden_state[:, 1:].mean(dim=1)  # (B, D)
+        else:
+            features = outputs.pooler_output
+        logits = self.classifier(self.fc_norm(features))  # (B, num_labels)
+
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            elif labels.dtype.is_floating_point:  # soft targets, e.g. from mixup / cutmix
+                loss = torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(logits, labels)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# `save_pretrained` writes `auto_map` and copies this file and the configuration beside the weights, so a saved
+# folder or Hub repo loads with AutoModel.from_pretrained(path, trust_remote_code=True) without this project.
+ExtremaConfig.register_for_auto_class()
+ExtremaModel.register_for_auto_class("AutoModel")
+ExtremaForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+ExtremaForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+# In-process registration: the Auto classes resolve "extrema" once this module is imported.
+AutoConfig.register("extrema", ExtremaConfig, exist_ok=True)
+AutoModel.register(ExtremaConfig, ExtremaModel, exist_ok=True)
+AutoModelForPreTraining.register(ExtremaConfig, ExtremaForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(ExtremaConfig, ExtremaForImageClassification, exist_ok=True)
+
+__all__ = [
+    "ExtremaForImageClassification",
+    "ExtremaForPreTraining",
+    "ExtremaForPreTrainingOutput",
+    "ExtremaModel",
+    "ExtremaPreTrainedModel",
+]

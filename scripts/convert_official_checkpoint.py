@@ -1,0 +1,148 @@
+"""Convert a checkpoint of the official ExtreMA release (github.com/microsoft/ExtreMA) to a `save_pretrained` folder.
+
+    python scripts/convert_official_checkpoint.py --checkpoint extrema_mask08x5_color_1k_300ep.pth \
+        --output_dir extrema-vit-base-mask08x5-color
+
+By default the backbone is taken from the momentum (teacher) encoder, the one the official linear probe evaluates,
+and saved as an `ExtremaModel` (loadable with `AutoModel`); `--encoder base` takes the student instead, and `--full`
+saves the whole `ExtremaForPreTraining` (student, teacher, projectors, predictor) to resume pre-training.
+The architecture is read from the tensors; only the head count cannot be, so it defaults to width / 64.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configuration_extrema import ExtremaConfig  # noqa: E402
+from modeling_extrema import ExtremaForPreTraining, ExtremaModel  # noqa: E402
+
+# official encoder key -> ExtremaModel key
+ENCODER_RENAMES = [
+    (r"^cls_token$", "encoder.cls_token"),
+    (r"^pos_embed$", "embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
+    (r"^blocks\.(\d+)\.attn\.", r"encoder.layer.\1.attention."),
+    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layer.\1.mlp."),
+    (r"^blocks_token\.(\d+)\.gamma_1$", r"encoder.class_attention_layer.\1.layer_scale_1"),
+    (r"^blocks_token\.(\d+)\.gamma_2$", r"encoder.class_attention_layer.\1.layer_scale_2"),
+    (r"^blocks_token\.(\d+)\.norm1\.", r"encoder.class_attention_layer.\1.layernorm_before."),
+    (r"^blocks_token\.(\d+)\.norm2\.", r"encoder.class_attention_layer.\1.layernorm_after."),
+    (r"^blocks_token\.(\d+)\.attn\.", r"encoder.class_attention_layer.\1.attention."),
+    (r"^blocks_token\.(\d+)\.mlp\.", r"encoder.class_attention_layer.\1.mlp."),
+    (r"^norm\.", "layernorm."),
+]
+
+
+def load_official_state_dict(path) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not any("encoder." in k for k in state_dict):
+        raise ValueError(
+            f"{path} is not an official ExtreMA checkpoint: expected a dict with 'state_dict' holding "
+            "'module.base_encoder.*' / 'module.momentum_encoder.*' tensors."
+        )
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def config_from_state_dict(state_dict: dict, num_attention_heads: int | None = None, **overrides) -> ExtremaConfig:
+    """Read depth, width, patch size, class-attention depth and head sizes from the tensors."""
+    encoder = {k.removeprefix("momentum_encoder."): v for k, v in state_dict.items() if k.startswith("momentum_")}
+    hidden_size = encoder["cls_token"].shape[-1]
+    patch_weight = encoder["patch_embed.proj.weight"]  # (D, C, p, p)
+    num_patches = encoder["pos_embed"].shape[1]
+    grid = int(round(num_patches**0.5))
+    fields = dict(
+        image_size=grid * patch_weight.shape[-1],
+        patch_size=patch_weight.shape[-1],
+        num_channels=patch_weight.shape[1],
+        hidden_size=hidden_size,
+        num_hidden_layers=len({k.split(".")[1] for k in encoder if k.startswith("blocks.")}),
+        num_attention_heads=num_attention_heads or max(hidden_size // 64, 1),
+        mlp_ratio=encoder["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size,
+        qkv_bias="blocks.0.attn.qkv.bias" in encoder,
+        num_class_attention_layers=len({k.split(".")[1] for k in encoder if k.startswith("blocks_token.")}),
+        projector_hidden_size=encoder["head.0.weight"].shape[0],
+        projection_dim=encoder["head.6.weight"].shape[0],
+        predictor_hidden_size=state_dict["predictor.0.weight"].shape[0],
+    )
+    return ExtremaConfig(**{**fields, **overrides})
+
+
+def rename_encoder(encoder_state: dict) -> tuple[dict, dict]:
+    """Split one official encoder into (backbone state dict, projector state dict)."""
+    backbone, projector = {}, {}
+    for key, value in encoder_state.items():
+        if key.startswith("head."):
+            projector[key.removeprefix("head.")] = value
+            continue
+        for pattern, replacement in ENCODER_RENAMES:
+            new_key, count = re.subn(pattern, replacement, key)
+            if count:
+                backbone[new_key] = value
+                break
+        else:
+            raise ValueError(f"Unexpected key {key!r} in the official checkpoint.")
+    return backbone, projector
+
+
+def convert(state_dict: dict, config: ExtremaConfig, encoder: str = "momentum", full: bool = False):
+    """Build an `ExtremaModel` (one encoder) or, with `full`, an `ExtremaForPreTraining` from an official state dict."""
+    encoders = {
+        name: rename_encoder({k.removeprefix(f"{name}_encoder."): v for k, v in state_dict.items()
+                              if k.startswith(f"{name}_encoder.")})
+        for name in ("base", "momentum")
+    }
+    if not full:
+        model = ExtremaModel(config)
+        model.load_state_dict(encoders[encoder][0], strict=True)
+        return model.eval()
+
+    model = ExtremaForPreTraining(config)
+    converted = {}
+    for name, role in (("base", "student"), ("momentum", "teacher")):
+        backbone, projector = encoders[name]
+        converted |= {f"{role}.{k}": v for k, v in backbone.items()}
+        converted |= {f"{role}_projector.{k}": v for k, v in projector.items()}
+    converted |= {k: v for k, v in state_dict.items() if k.startswith("predictor.")}
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="official .pth file (e.g. extrema_mask08x5_color_1k_300ep.pth)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--encoder", choices=["momentum", "base"], default="momentum",
+                        help="which encoder becomes the backbone (momentum = teacher, what the linear probe uses)")
+    parser.add_argument("--full", action="store_true", help="save the whole ExtremaForPreTraining")
+    parser.add_argument("--num_attention_heads", type=int, default=None, help="default: hidden size / 64")
+    parser.add_argument("--mask_ratio", type=float, default=0.8, help="recorded in the config (pre-training recipe)")
+    parser.add_argument("--num_masks", type=int, default=1, help="recorded in the config (pre-training recipe)")
+    args = parser.parse_args(argv)
+
+    state_dict = load_official_state_dict(args.checkpoint)
+    config = config_from_state_dict(
+        state_dict, args.num_attention_heads, mask_ratio=args.mask_ratio, num_masks=args.num_masks
+    )
+    model = convert(state_dict, config, encoder=args.encoder, full=args.full)
+
+    from train_extrema import export_backbone  # the training script owns the export (weights, processor, card)
+
+    source = Path(args.checkpoint).name
+    if args.full:
+        model.save_pretrained(args.output_dir)
+        export_backbone(model.teacher, Path(args.output_dir) / "teacher", converted_from=source)
+    else:
+        export_backbone(model, args.output_dir, converted_from=source)
+    print(f"Converted {source} ({config.num_hidden_layers} layers, width {config.hidden_size}) -> {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
