@@ -473,11 +473,22 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
 
     @torch.no_grad()
     def reset_teacher(self):
-        """Make the teacher an exact copy of the student and exclude it from gradient descent."""
+        """Make the teacher an exact copy of the student (done at initialisation)."""
         student, teacher = self._student_and_teacher_parameters()
-        for s, t in zip(student, teacher):
-            t.copy_(s)
-            t.requires_grad_(False)
+        torch._foreach_copy_(teacher, student)
+        self.freeze_teacher()
+
+    def freeze_teacher(self):
+        """The teacher learns only through `update_teacher`: no gradients, and no place in an optimizer."""
+        for parameter in self._student_and_teacher_parameters()[1]:
+            parameter.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # loading materialises fresh parameters (requires_grad=True), so the teacher is frozen again
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_teacher()
+        return loaded
 
     @torch.no_grad()
     def update_teacher(self, momentum: float):

@@ -42,6 +42,8 @@ ENCODER_RENAMES = [
 
 def load_official_state_dict(path) -> dict:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "checkpoint" in checkpoint:  # the golden-vector file wraps the release layout
+        checkpoint = checkpoint["checkpoint"]
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not any("encoder." in k for k in state_dict):
         raise ValueError(

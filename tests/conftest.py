@@ -1,0 +1,60 @@
+"""Shared test setup: the repository root on sys.path, tiny configs, and the paths of the shared test data.
+
+The shared data (golden vectors, CIFAR-10, the ImageNet sample) is read from environment variables, defaulting to
+the `../shared` folder beside the repository; tests that need it skip with a message when it is absent.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+SHARED = REPO_ROOT.parent / "shared"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_path(env_var: str, default: Path) -> Path:
+    """A path to shared test data from `env_var`, else `default`; skips the test when it does not exist."""
+    path = Path(os.environ.get(env_var, default))
+    if not path.exists():
+        pytest.skip(f"{path} not found; set {env_var} to run this test")
+    return path
+
+
+@pytest.fixture
+def golden_path() -> Path:
+    return shared_path("EXTREMA_GOLDEN", SHARED / "golden" / "official_extrema_tiny.pt")
+
+
+@pytest.fixture
+def cifar10_dir() -> Path:
+    return shared_path("EXTREMA_CIFAR10_DIR", SHARED / "data" / "cifar10")
+
+
+@pytest.fixture
+def imagenet_sample_dir() -> Path:
+    return shared_path("EXTREMA_IMAGENET_SAMPLE_DIR", SHARED / "data" / "imagenet-sample")
+
+
+@pytest.fixture
+def tiny_config():
+    from configuration_extrema import ExtremaConfig
+
+    # 32 px, patch 8 -> 16 patches; narrow everything so each test runs in well under a second
+    return ExtremaConfig.from_preset(
+        "tiny",
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projector_hidden_size=64,
+        projection_dim=16,
+        predictor_hidden_size=64,
+        mask_ratio=0.75,
+        num_masks=2,
+    )
