@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="extrema",
+    version="0.1.0",
+    description="ExtreMA (Extreme Masking for Learning Instance and Distributed Visual Representations) as a "
+    "HuggingFace transformers model, with an accelerate training script",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    py_modules=["configuration_extrema", "modeling_extrema", "train_extrema"],
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=0.30",
+        "pillow",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest>=8"], "wandb": ["wandb"]},
+    entry_points={"console_scripts": ["extrema-train=train_extrema:main"]},
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
