@@ -1,0 +1,1200 @@
+"""Pre-train ExtreMA with accelerate, streaming images through `datasets`: one CPU to many GPUs, resumable.
+
+    python train_extrema.py                                      # tiny ViT on Fashion-MNIST, a few minutes on a CPU
+    python train_extrema.py --train_dir ../shared/data/cifar10   # a local folder of Parquet shards or images
+    accelerate launch --multi_gpu --num_processes 8 train_extrema.py --recipe vit-base-mask08x5-color
+
+References: Wu et al. 2022, "Extreme Masking for Learning Instance and Distributed Visual Representations" (sections 3
+and 5.1: AdamW (0.9, 0.95), wd 0.1, lr 1.5e-4 x batch / 256, warm-up + cosine, EMA 0.996 -> 1 on a cosine); the
+official code github.com/microsoft/ExtreMA (main.py, lib/augment.py); Wu et al. 2018 for the weighted kNN monitor.
+
+Reading order: data (where images come from), augmentations, the training stream and its resumable position,
+kNN evaluation, schedules, export, command line, training loop.
+
+Two design decisions shape this file:
+- An epoch is a FIXED number of optimizer steps (dataset size / global batch). Every rank reads an endless stream of
+  its own shards (wrapping around if its part runs out), so no rank ever waits for another at an epoch's end.
+- The stream position is (epoch, micro-batches consumed, raw rows consumed by each DataLoader worker) and is saved
+  per rank next to `accelerator.save_state`. A resume rebuilds the epoch's stream with the same seed, skips the
+  consumed rows before decoding them, and replays the workers' round-robin order. The augmentation and the masks of
+  an image are drawn from a seed derived from (seed, epoch, image bytes), not from a process's RNG, so training is
+  the same function of the data whether it resumes, uses N workers or N processes.
+"""
+
+import argparse
+import contextlib
+import gzip
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from datasets.distributed import split_dataset_by_node
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the model files sit beside this script
+
+from configuration_extrema import PRESETS, ExtremaConfig  # noqa: E402
+from modeling_extrema import ExtremaForPreTraining  # noqa: E402
+
+logger = logging.getLogger("train_extrema")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist package puts it
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+# Names tried, in order, when a dataset's image / label column is not given (Parquet: image/label, CIFAR on the Hub:
+# img/label, WebDataset shards: jpg/cls ...). A column typed `Image` / `ClassLabel` is preferred over any name.
+IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
+LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target", "fine_label")
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or the data that the user can fix; printed without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: rows of {"image", "label"} streamed from the Hub, a local folder, or the Fashion-MNIST default
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The data flags shared by training and evaluation scripts."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset_name", help="a Hub dataset, e.g. ILSVRC/imagenet-1k, timm/imagenet-1k-wds")
+    group.add_argument("--dataset_config", help="the configuration (subset) of --dataset_name")
+    group.add_argument(
+        "--train_dir", help="a local folder of Parquet shards, WebDataset .tar shards, or images (imagefolder)"
+    )
+    group.add_argument("--train_split", default="train")
+    group.add_argument(
+        "--validation_split", help="labelled split for kNN accuracy (default: 'validation' or 'test' if present)"
+    )
+    group.add_argument("--image_column", help="image column (default: detected)")
+    group.add_argument("--label_column", help="label column (default: detected; none for unlabelled data)")
+    group.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per process")
+    group.add_argument(
+        "--shuffle_buffer_size", type=int, default=1000, help="streaming shuffle buffer per worker (0: no shuffling)"
+    )
+    group.add_argument(
+        "--fashion_mnist_dir",
+        default=FASHION_MNIST_DIR,
+        help="IDX files used when neither --dataset_name nor --train_dir is given",
+    )
+    return parser
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format): magic (2 zero bytes, dtype 0x08 = uint8, ndim), big-endian dims, data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise UsageError(f"{path} is not a uint8 IDX file; is the Fashion-MNIST download complete?")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def prepare_fashion_mnist(source_dir=FASHION_MNIST_DIR, cache_dir=None) -> Path:
+    """Convert Fashion-MNIST's IDX files once to Parquet shards (PNG images, ClassLabel labels); returns the folder.
+
+    The shards have the layout of image datasets on the Hub, so the default run streams them through exactly the code
+    path that streams ImageNet. The conversion writes to a temporary folder and renames it, so concurrent processes
+    never see half a cache.
+    """
+    source_dir = Path(source_dir)
+    names = {"train": "train", "test": "t10k"}
+    missing = [f"{p}-{k}-idx{d}-ubyte.gz" for p in names.values() for k, d in (("images", 3), ("labels", 1))]
+    missing = [name for name in missing if not (source_dir / name).exists()]
+    if missing:
+        raise UsageError(
+            f"Fashion-MNIST (the default training data) is not in {source_dir} (missing {', '.join(missing)}). "
+            "Install it with `apt-get install dataset-fashion-mnist`, point --fashion_mnist_dir at the IDX files, "
+            "or train on other data with --train_dir DIR or --dataset_name NAME."
+        )
+    cache_dir = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "extrema" / "fashion-mnist-parquet")
+    if (cache_dir / "done").exists():
+        return cache_dir
+    tmp_dir = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.getpid()}")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES))}
+    )
+    for split, prefix in names.items():
+        images = _read_idx(source_dir / f"{prefix}-images-idx3-ubyte.gz")  # (N, 28, 28)
+        labels = _read_idx(source_dir / f"{prefix}-labels-idx1-ubyte.gz")  # (N,)
+        num_shards = 6 if split == "train" else 2  # several shards so that ranks and workers can split them
+        for shard, indices in enumerate(np.array_split(np.arange(len(images)), num_shards)):
+            pngs = []
+            for i in indices:
+                buffer = io.BytesIO()
+                PIL.Image.fromarray(images[i]).save(buffer, format="PNG")
+                pngs.append({"bytes": buffer.getvalue(), "path": None})
+            table = datasets.Dataset.from_dict(
+                {"image": pngs, "label": labels[indices].tolist()}, features=features
+            )
+            table.to_parquet(str(tmp_dir / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"))
+    (tmp_dir / "done").touch()
+    try:
+        tmp_dir.rename(cache_dir)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return cache_dir
+
+
+def _local_format(data_dir: Path) -> str:
+    """The `datasets` packaged builder for a local folder: Parquet shards, WebDataset tars, or an image folder."""
+    suffixes = {p.suffix.lower() for p in data_dir.rglob("*") if p.is_file()}
+    if ".parquet" in suffixes:
+        return "parquet"
+    if ".tar" in suffixes:
+        return "webdataset"
+    return "imagefolder"
+
+
+def open_dataset(dataset_name=None, dataset_config=None, train_dir=None, fashion_mnist_dir=FASHION_MNIST_DIR):
+    """A `datasets` builder for the data source (not downloaded: only its split files and metadata are resolved)."""
+    if dataset_name and train_dir:
+        raise UsageError("Give either --dataset_name or --train_dir, not both.")
+    if not dataset_name and not train_dir:
+        train_dir = prepare_fashion_mnist(fashion_mnist_dir)
+    try:
+        if train_dir:
+            train_dir = Path(train_dir)
+            if not train_dir.is_dir():
+                raise UsageError(f"--train_dir {train_dir} is not a folder.")
+            return datasets.load_dataset_builder(_local_format(train_dir), data_dir=str(train_dir))
+        return datasets.load_dataset_builder(dataset_name, dataset_config)
+    except (FileNotFoundError, ConnectionError) as error:
+        raise UsageError(
+            f"Cannot open the dataset {dataset_name or train_dir!r}: {error}. Check the name on the Hub (and "
+            "`huggingface-cli login` for gated datasets such as ILSVRC/imagenet-1k), or pass a local folder with "
+            "--train_dir."
+        ) from error
+
+
+def split_names(builder) -> list[str]:
+    if builder.info.splits:
+        return list(builder.info.splits)
+    return [str(split) for split in (builder.config.data_files or {})]
+
+
+def count_examples(builder, split: str) -> int | None:
+    """Rows in a split, from the dataset card, the Parquet footers, or the image files; None if unknown."""
+    if builder.info.splits and split in builder.info.splits and builder.info.splits[split].num_examples:
+        return builder.info.splits[split].num_examples
+    files = {str(k): v for k, v in (builder.config.data_files or {}).items()}.get(split)
+    if not files:
+        return None
+    if all(str(f).endswith(".parquet") for f in files):
+        import pyarrow.parquet as pq
+
+        total = 0
+        for f in files:
+            with datasets.utils.file_utils.xopen(f, "rb") as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total
+    if builder.name == "imagefolder":
+        return sum(1 for f in files if Path(str(f)).suffix.lower() in PIL.Image.registered_extensions())
+    return None
+
+
+def detect_columns(features, image_column=None, label_column=None) -> tuple[str, str | None]:
+    """The image column and the label column (None when the dataset has no labels)."""
+    names = list(features or {})
+    if image_column is None:
+        typed = [n for n, f in (features or {}).items() if isinstance(f, datasets.Image)]
+        named = [n for n in IMAGE_COLUMN_NAMES if n in names]
+        if not typed + named:
+            raise UsageError(f"No image column among the dataset's columns {names}; name it with --image_column.")
+        image_column = (typed + named)[0]
+    elif names and image_column not in names:
+        raise UsageError(f"--image_column {image_column!r} is not a column of the dataset; columns: {names}.")
+    if label_column is None:
+        typed = [n for n, f in (features or {}).items() if isinstance(f, datasets.ClassLabel)]
+        named = [n for n in LABEL_COLUMN_NAMES if n in names]
+        label_column = (typed + named + [None])[0]
+    elif names and label_column not in names:
+        raise UsageError(f"--label_column {label_column!r} is not a column of the dataset; columns: {names}.")
+    return image_column, label_column
+
+
+def load_raw_stream(builder, split="train", image_column=None, label_column=None) -> datasets.IterableDataset:
+    """Stream of rows {"image": undecoded ({"bytes", "path"}), "label"?}: cheap to skip and to shuffle."""
+    try:
+        ds = builder.as_streaming_dataset(split=split)
+    except ValueError as error:  # datasets: "Bad split: X. Available splits: [...]"
+        raise UsageError(f"The dataset has no split {split!r}; its splits are {split_names(builder)}.") from error
+    features = ds.features
+    if features is None:  # some streaming formats only know their columns after the first row
+        features = dict.fromkeys(next(iter(ds)))
+    image_column, label_column = detect_columns(features, image_column, label_column)
+    columns = [image_column] + ([label_column] if label_column else [])
+    ds = ds.select_columns(columns)
+    if isinstance(features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # we decode, so bad images can be skipped
+    return ds.rename_columns({image_column: "image", **({label_column: "label"} if label_column else {})})
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL mode to RGB; transparent pixels (RGBA, LA, palette with transparency) are laid on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")  # L, I;16, P, CMYK, YCbCr, ...
+
+
+_IMAGE_DECODER = datasets.Image()
+
+
+def decode_image(value) -> PIL.Image.Image | None:
+    """A raw image cell (bytes / path dict, bytes, path, PIL image, array) as an RGB PIL image; None if undecodable."""
+    try:
+        if isinstance(value, PIL.Image.Image):
+            image = value
+        elif isinstance(value, np.ndarray):
+            image = PIL.Image.fromarray(value)
+        elif isinstance(value, (bytes, bytearray)):
+            image = PIL.Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = _IMAGE_DECODER.decode_example({"path": value, "bytes": None})
+        else:
+            image = _IMAGE_DECODER.decode_example(value)
+        image.load()
+        return to_rgb(image)
+    except Exception:  # truncated files, HTML error pages, decompression bombs...: skip, never stop training
+        return None
+
+
+def _decode_row(row):
+    return {**row, "image": decode_image(row["image"])}
+
+
+def _is_decoded(row) -> bool:
+    if row["image"] is None:
+        logger.warning("Skipping an image that cannot be decoded.")
+        return False
+    return True
+
+
+def load_image_stream(
+    dataset_name=None,
+    dataset_config=None,
+    train_dir=None,
+    split="train",
+    image_column=None,
+    label_column=None,
+    fashion_mnist_dir=FASHION_MNIST_DIR,
+) -> datasets.IterableDataset:
+    """Stream rows {"image": RGB PIL image, "label": int (absent for unlabelled data)} from one split.
+
+    Sources: a Hub dataset (`dataset_name`, `dataset_config`), a local folder (`train_dir`), or Fashion-MNIST when
+    neither is given. Nothing is downloaded whole. Images that cannot be decoded are skipped with a warning.
+    """
+    builder = open_dataset(dataset_name, dataset_config, train_dir, fashion_mnist_dir)
+    raw = load_raw_stream(builder, split, image_column, label_column)
+    return raw.map(_decode_row).filter(_is_decoded)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentations (paper Table 4), torchvision.transforms.v2
+
+
+def _normalize():
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def build_eval_transform(image_size: int, crop_pct: float = 0.875):
+    """Resize the short side to image_size / crop_pct, center crop, ImageNet normalisation: image -> (3, S, S)."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(int(image_size / crop_pct), antialias=True),
+            v2.CenterCrop(image_size),
+            _normalize(),
+        ]
+    )
+
+
+class PairTransform:
+    """image -> (student_view, teacher_view): `shared` runs once, then `student` and `teacher` each on its result.
+
+    When both branch transforms are None the two views are the same tensor (one augmentation for both branches).
+    """
+
+    def __init__(self, shared, student=None, teacher=None):
+        self.shared, self.student, self.teacher = shared, student, teacher
+
+    def __call__(self, image):
+        image = self.shared(image)
+        if self.student is None:
+            return image, image
+        return self.student(image), self.teacher(image)
+
+    def __repr__(self):
+        return f"PairTransform(shared={self.shared}, student={self.student}, teacher={self.teacher})"
+
+
+AUGMENTATIONS = ("center", "color", "crop", "crop_color", "shared_crop_color")
+
+
+def build_train_transform(augmentation: str, image_size: int, crop_min: float = 0.2) -> PairTransform:
+    """The augmentations of Table 4; the student's view is the one that gets masked.
+
+    - center: resize + center crop, the same view for both branches (no augmentation);
+    - color / crop: ONE colour (jitter + grayscale) or ONE random-resized-crop + flip view, shared by both branches;
+    - crop_color: two independent crop + flip + colour views (MoCo v3 style);
+    - shared_crop_color (the released models): one crop + flip shared by both branches, then two independent colour
+      augmentations, jitter (0.4, 0.4, 0.2, 0.1) with p 0.8 and grayscale with p 0.2.
+    """
+    center = [v2.Resize(int(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
+    crop = [v2.RandomResizedCrop(image_size, scale=(crop_min, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    color = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+    if augmentation == "center":
+        return PairTransform(v2.Compose([v2.ToImage(), *center, _normalize()]))
+    if augmentation == "color":
+        return PairTransform(v2.Compose([v2.ToImage(), *center, *color, _normalize()]))
+    if augmentation == "crop":
+        return PairTransform(v2.Compose([v2.ToImage(), *crop, _normalize()]))
+    if augmentation == "crop_color":
+        view = v2.Compose([*crop, *color, _normalize()])
+        return PairTransform(v2.ToImage(), view, view)
+    if augmentation == "shared_crop_color":
+        view = v2.Compose([*color, _normalize()])
+        return PairTransform(v2.Compose([v2.ToImage(), *crop]), view, view)
+    raise UsageError(f"Unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training stream: endless, split by rank and worker, with a position that resumes exactly
+
+
+def example_seed(seed: int, epoch: int, image) -> int:
+    """A seed for one image's augmentation and masks, from its content (identical on any rank, worker or resume)."""
+    if isinstance(image, dict):  # an undecoded `datasets.Image` cell: its bytes, or its path for image folders
+        image = image.get("bytes") or image.get("path") or b""
+    digest = zlib.crc32(image.encode() if isinstance(image, str) else bytes(image))
+    return ((seed * 1_000_003 + epoch) * 2**32 + digest) % 2**63
+
+
+@dataclass
+class StreamPosition:
+    """Where one rank is in its training stream: everything needed to continue it exactly.
+
+    `batches` counts the micro-batches consumed in `epoch`; `rows` the raw rows (decodable or not) each DataLoader
+    worker had read for the batches consumed so far, keyed by worker id.
+    """
+
+    epoch: int = 0
+    batches: int = 0
+    rows: dict = field(default_factory=dict)
+    skipped_images: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "rows": {str(k): v for k, v in self.rows.items()}}
+
+    @classmethod
+    def from_json(cls, state: dict) -> "StreamPosition":
+        return cls(
+            epoch=state["epoch"],
+            batches=state["batches"],
+            rows={int(k): v for k, v in state["rows"].items()},
+            skipped_images={int(k): v for k, v in state.get("skipped_images", {}).items()},
+        )
+
+
+class TrainingStream(torch.utils.data.IterableDataset):
+    """Augmented pairs (and mask noise) from one rank's part of the data, endlessly.
+
+    `dataset` yields raw rows of this rank; in a DataLoader worker, `datasets` gives each worker its own shards. A
+    worker that reaches the end of its shards starts them again, so the stream never ends: an epoch is a number of
+    steps, and the DataLoader keeps its strict round-robin over workers, which is what makes the order replayable.
+    """
+
+    def __init__(self, dataset, transform, seed: int, noise_shape: tuple, skip_rows: dict | None = None):
+        self.dataset, self.transform, self.seed, self.noise_shape = dataset, transform, seed, noise_shape
+        self.skip_rows = skip_rows or {}
+
+    def __iter__(self):
+        worker_info = torch.utils.data.get_worker_info()
+        worker = worker_info.id if worker_info else 0
+        epoch, skip = self.dataset.epoch, self.skip_rows.get(worker, 0)
+        rows = skipped = 0
+        while True:
+            rows_in_pass = yielded_in_pass = 0
+            for row in self.dataset:
+                rows_in_pass += 1
+                rows += 1
+                if rows <= skip:  # consumed before the checkpoint: skip before any decoding
+                    continue
+                image = decode_image(row["image"])
+                if image is None:
+                    skipped += 1
+                    continue
+                # fork_rng: the per-image seed must not disturb the process RNG (it also drives drop path)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(example_seed(self.seed, epoch, row["image"]))
+                    student, teacher = self.transform(image)
+                    noise = torch.rand(self.noise_shape)
+                sample = {"pixel_values": student, "noise": noise, "worker": worker, "rows": rows, "skipped": skipped}
+                if teacher is not student:
+                    sample["pixel_values_teacher"] = teacher
+                yielded_in_pass += 1
+                yield sample
+            if rows_in_pass == 0:
+                return  # this worker has no shard
+            if yielded_in_pass == 0 and rows > skip:
+                raise UsageError(f"None of the {rows_in_pass} images of this data shard could be decoded.")
+
+
+def round_robin(loader, num_workers: int, first_worker: int):
+    """The loader's batches in worker order first_worker, first_worker + 1, ... (mod num_workers).
+
+    A DataLoader always asks worker 0 first. An uninterrupted run was at worker `batches % num_workers` when it was
+    checkpointed, so a resumed run holds back the first batches of workers < first_worker until their turn.
+    """
+    pending, wanted = {}, first_worker
+    for batch in loader:
+        pending[int(batch["worker"][0])] = batch
+        while wanted in pending:
+            yield pending.pop(wanted)
+            wanted = (wanted + 1) % num_workers
+
+
+def training_batches(dataset, transform, args, noise_shape, position: StreamPosition, device):
+    """Micro-batches of one epoch (`position.epoch`) on this rank, from `position` on; updates `position` in place."""
+    dataset.set_epoch(position.epoch)  # a new shard order and shuffle every epoch, the same on every rank
+    num_workers = min(args.num_workers, dataset.num_shards)
+    stream = TrainingStream(dataset, transform, args.seed, noise_shape, skip_rows=position.rows)
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=args.per_device_train_batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),  # so that making a loader never draws from the global RNG
+    )
+    for batch in round_robin(loader, max(1, num_workers), position.batches % max(1, num_workers)):
+        worker = int(batch["worker"][0])
+        position.batches += 1
+        position.rows[worker] = int(batch["rows"][-1])
+        position.skipped_images[worker] = int(batch["skipped"][-1])
+        yield batch
+
+
+def rank_dataset(raw: datasets.IterableDataset, rank: int, world_size: int, seed: int, buffer_size: int):
+    """This rank's part of the shuffled raw stream.
+
+    The shuffle (of the shard order, then within a buffer) uses the same seed on every rank, as `split_dataset_by_node`
+    requires. Whole shards go to each rank when there are enough of them (a few more rows on some ranks do not matter:
+    epochs are counted in steps); with fewer shards than 8 per rank and a count that does not divide, every rank reads
+    all rows and keeps 1 in world_size.
+    """
+    ds = raw.shuffle(seed=seed, buffer_size=buffer_size) if buffer_size > 1 else raw
+    if world_size == 1:
+        return ds
+    num_shards = raw.num_shards
+    strategy = "shards" if num_shards % world_size == 0 or num_shards >= 8 * world_size else "examples"
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size, strategy=strategy)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kNN evaluation (Wu et al. 2018), used while training and by scripts/eval_knn.py
+
+
+@torch.no_grad()
+def extract_features(backbone, dataloader, device=None, max_samples=None):
+    """Instance representations `backbone(pixel_values).pooler_output` of a loader's images.
+
+    The loader yields dicts with "pixel_values" and "label"/"labels" (or (pixel_values, labels) tuples). Returns
+    features (N, D) float32 and labels (N,) long on the CPU; labels are -1 for unlabelled images.
+    """
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    features, labels, seen = [], [], 0
+    for batch in tqdm(dataloader, desc="features", leave=False, disable=not _is_main_process()):
+        if isinstance(batch, dict):
+            pixel_values = batch["pixel_values"]
+            batch_labels = batch.get("label", batch.get("labels"))
+        else:
+            pixel_values, batch_labels = batch[0], (batch[1] if len(batch) > 1 else None)
+        if batch_labels is None:
+            batch_labels = torch.full((pixel_values.shape[0],), -1)
+        if max_samples is not None:
+            pixel_values, batch_labels = pixel_values[: max_samples - seen], batch_labels[: max_samples - seen]
+        features.append(backbone(pixel_values.to(device)).pooler_output.float().cpu())  # (B, D)
+        labels.append(torch.as_tensor(batch_labels).long())
+        seen += pixel_values.shape[0]
+        if max_samples is not None and seen >= max_samples:
+            break
+    backbone.train(was_training)
+    if not features:
+        raise UsageError("The loader yielded no image to extract features from.")
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def weighted_knn(
+    train_features, train_labels, test_features, test_labels, k=200, temperature=0.07, num_classes=None,
+    chunk_size=256,
+):  # fmt: skip
+    """Weighted kNN classification (Wu et al. 2018, as in DINO's eval_knn): top-1 / top-5 accuracy in %.
+
+    Cosine similarity of L2-normalised features; each of the k nearest gallery images votes for its class with weight
+    exp(similarity / temperature). Test images are processed in chunks of `chunk_size` to bound memory.
+    """
+    train_features = F.normalize(train_features.float(), dim=1)
+    test_features = F.normalize(test_features.float(), dim=1).to(train_features.device)
+    train_labels = train_labels.long().to(train_features.device)
+    test_labels = test_labels.long().to(train_features.device)
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, train_features.shape[0])
+    top1 = top5 = 0
+    for start in range(0, test_features.shape[0], chunk_size):
+        queries, targets = test_features[start : start + chunk_size], test_labels[start : start + chunk_size]
+        similarity, neighbors = (queries @ train_features.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
+        votes.scatter_add_(1, train_labels[neighbors], (similarity / temperature).exp())  # (b, C)
+        predictions = votes.topk(min(5, num_classes), dim=1).indices  # (b, 5)
+        top1 += (predictions[:, 0] == targets).sum().item()
+        top5 += (predictions == targets[:, None]).any(dim=1).sum().item()
+    total = test_features.shape[0]
+    return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total}
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _collate_eval(rows):
+    return {
+        "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+        "label": torch.tensor([r.get("label", -1) for r in rows]),
+    }
+
+
+def eval_loader(builder, split, args, image_size: int, max_samples: int):
+    """The first `max_samples` decodable images of a split, eval-transformed, in batches (a fixed subset)."""
+    transform = build_eval_transform(image_size)
+    ds = load_raw_stream(builder, split, args.image_column, args.label_column)
+    ds = ds.map(_decode_row).filter(_is_decoded).take(max_samples)
+    ds = ds.map(lambda row: {**row, "pixel_values": transform(row["image"])}, remove_columns=["image"])
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=256,
+        num_workers=min(args.num_workers, ds.num_shards),
+        collate_fn=_collate_eval,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def knn_accuracy(backbone, builder, args, image_size: int, device) -> dict:
+    """Weighted kNN accuracy of a backbone: gallery from the training split, queries from the validation split."""
+    train_features, train_labels = extract_features(
+        backbone, eval_loader(builder, args.train_split, args, image_size, args.knn_train_samples), device
+    )
+    test_features, test_labels = extract_features(
+        backbone, eval_loader(builder, args.validation_split, args, image_size, args.knn_val_samples), device
+    )
+    return weighted_knn(
+        train_features, train_labels, test_features, test_labels, k=args.knn_k, temperature=args.knn_temperature
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules (pure functions of the optimizer step, so a checkpoint only needs the step)
+
+
+def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up from 0 to peak_lr, then half-cycle cosine decay to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def get_momentum(step: int, total_steps: int, base_momentum: float) -> float:
+    """EMA momentum rising from base_momentum to 1 on a half-cycle cosine (BYOL)."""
+    return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, layer-scale gammas or the class token."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:  # the teacher
+            continue
+        (no_decay if param.ndim < 2 or name.endswith("cls_token") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export: the teacher backbone as a Hub-ready folder
+
+
+def export_backbone(backbone, output_dir, **card_fields) -> Path:
+    """Save an `ExtremaModel` with `save_pretrained`, a `ViTImageProcessor` and a model card; returns the folder.
+
+    The folder loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`: the model classes call
+    `register_for_auto_class`, so the config gets an `auto_map` and the modeling code is copied beside the weights.
+    Card fields (all optional): model_id (used in the usage snippet), datasets (list), recipe (dict or str),
+    knn (dict with top1/top5 and optionally k, split), tags (list), description (str).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+    from transformers import ViTImageProcessor
+
+    output_dir = Path(output_dir)
+    backbone.save_pretrained(output_dir, safe_serialization=True)
+    size = backbone.config.image_size
+    processor = ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
+    )
+    processor.save_pretrained(output_dir)
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license="apache-2.0",
+        tags=["extrema", "vision", "self-supervised-learning", "masked-image-modeling", *card_fields.get("tags", [])],
+        datasets=card_fields.get("datasets") or None,
+    )
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{model_card_text(backbone.config, **card_fields)}")
+    card.save(output_dir / "README.md")
+    return output_dir
+
+
+def model_card_text(config, model_id=None, datasets=None, recipe=None, knn=None, description=None, **_) -> str:
+    model_id = model_id or "path/to/this/folder"
+    lines = [
+        f"# ExtreMA {config.hidden_size}-wide, {config.num_hidden_layers}-layer ViT/{config.patch_size}",
+        "",
+        description
+        or (
+            "A vision transformer pre-trained without labels with ExtreMA (Wu et al., 2022, "
+            "[arXiv:2206.04667](https://arxiv.org/abs/2206.04667)): BYOL in which a student sees only 10-25% of "
+            "the patches (several disjoint masks) and predicts the representation that a momentum teacher computes "
+            "from the full image. This is the teacher backbone. `pooler_output` (the class token built by "
+            "class-attention blocks) is the instance representation; `last_hidden_state[:, 1:]` are the patch "
+            "tokens (the distributed representation)."
+        ),
+        "",
+    ]
+    if datasets:
+        lines += [f"Pre-training data: {', '.join(datasets)}.", ""]
+    if recipe:
+        lines += ["## Training recipe", ""]
+        if isinstance(recipe, dict):
+            lines += ["| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in recipe.items()]]
+        else:
+            lines += [str(recipe)]
+        lines += [""]
+    if knn:
+        where = f" on {knn['split']}" if knn.get("split") else ""
+        lines += [
+            "## Evaluation",
+            "",
+            f"Weighted kNN (k={knn.get('k', 200)}, T={knn.get('temperature', 0.07)}) on `pooler_output`{where}: "
+            f"top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%.",
+            "",
+        ]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from PIL import Image",
+        "from transformers import AutoImageProcessor, AutoModel",
+        "",
+        f'processor = AutoImageProcessor.from_pretrained("{model_id}")',
+        f'model = AutoModel.from_pretrained("{model_id}", trust_remote_code=True).eval()',
+        'inputs = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="pt")',
+        "with torch.no_grad():",
+        "    outputs = model(**inputs)",
+        "instance = outputs.pooler_output  # (1, hidden): the image's representation",
+        "patches = outputs.last_hidden_state[:, 1:]  # (1, num_patches, hidden): one token per patch",
+        "```",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        "@article{wu2022extreme,",
+        "  title={Extreme Masking for Learning Instance and Distributed Visual Representations},",
+        "  author={Wu, Zhirong and Lai, Zihang and Sun, Xiao and Lin, Stephen},",
+        "  journal={arXiv preprint arXiv:2206.04667},",
+        "  year={2022}",
+        "}",
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+# The released models (github.com/microsoft/ExtreMA): ViT-B/16, 8 GPUs, total batch 2048, 300 epochs with 40 of
+# warm-up, drop path 0.1. Any flag given on the command line overrides its recipe's value.
+_IMAGENET_1K = dict(
+    model_config="vit-base-patch16",
+    dataset_name="ILSVRC/imagenet-1k",
+    validation_split="validation",
+    total_batch_size=2048,
+    num_train_epochs=300,
+    warmup_epochs=40,
+    learning_rate=1.5e-4,
+    weight_decay=0.1,
+    drop_path_rate=0.1,
+    ema_momentum=0.996,
+    num_workers=8,
+    knn_train_samples=128_116,  # a 10% gallery, as for the paper's Figure 4
+    knn_val_samples=50_000,
+    knn_every=6250,  # every 10 epochs
+    checkpointing_steps=1250,
+    mixed_precision="auto",
+)
+RECIPES = {
+    # the default when no data is given: Fashion-MNIST, 32 px, a few minutes on 2 CPU cores
+    "tiny-fashion-mnist": dict(
+        model_config="tiny",
+        per_device_train_batch_size=128,
+        num_train_epochs=1,
+        warmup_epochs=0.1,
+        learning_rate=1.5e-3,
+        ema_momentum=0.99,
+        mask_ratio=0.75,
+        num_masks=2,
+        drop_path_rate=0.0,
+        knn_train_samples=10_000,
+        knn_val_samples=2_000,
+    ),
+    "vit-base-mask08x5": dict(_IMAGENET_1K, mask_ratio=0.8, num_masks=5, augmentation="crop"),
+    "vit-base-mask08x5-color": dict(_IMAGENET_1K, mask_ratio=0.8, num_masks=5, augmentation="shared_crop_color"),
+    "vit-base-mask09x8-color": dict(_IMAGENET_1K, mask_ratio=0.9, num_masks=8, augmentation="shared_crop_color"),
+    # ImageNet-22k for 30 epochs (about as many steps as 300 on 1k); the warm-up is not published: 4 epochs keeps the
+    # 1k recipe's share of warm-up steps.
+    "vit-base-mask08x5-color-in22k": dict(
+        _IMAGENET_1K,
+        dataset_name="timm/imagenet-22k-wds",
+        num_train_epochs=30,
+        warmup_epochs=4,
+        knn_every=10_000,
+        mask_ratio=0.8,
+        num_masks=5,
+        augmentation="shared_crop_color",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="a named setting (the released models); default: tiny-fashion-mnist when no data is given",
+    )
+    add_data_args(parser)
+
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model_config", default="tiny", help=f"a preset ({', '.join(PRESETS)}), a config JSON, or a model folder"
+    )
+    group.add_argument("--mask_ratio", type=float, help="fraction of patches hidden from the student (config's)")
+    group.add_argument("--num_masks", type=int, help="masked views per image (default: the config's)")
+    group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student")
+    group.add_argument("--augmentation", choices=AUGMENTATIONS, default="shared_crop_color")
+    group.add_argument("--crop_min", type=float, default=0.2, help="smallest random-resized-crop scale")
+
+    group = parser.add_argument_group("optimisation (defaults: the paper)")
+    group.add_argument("--per_device_train_batch_size", type=int, default=64)
+    group.add_argument(
+        "--total_batch_size", type=int, help="global batch; sets the per-device batch from the process count"
+    )
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--num_train_epochs", type=float, default=300)
+    group.add_argument("--max_train_steps", type=int, help="overrides --num_train_epochs")
+    group.add_argument(
+        "--steps_per_epoch", type=int, help="optimizer steps per epoch, when the dataset size is not known"
+    )
+    group.add_argument("--learning_rate", type=float, default=1.5e-4, help="base lr, scaled by total batch / 256")
+    group.add_argument("--min_learning_rate", type=float, default=0.0, help="end of the cosine (absolute)")
+    group.add_argument("--warmup_epochs", type=float, default=40)
+    group.add_argument("--warmup_steps", type=int, help="overrides --warmup_epochs")
+    group.add_argument("--weight_decay", type=float, default=0.1)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.95)
+    group.add_argument("--max_grad_norm", type=float, help="clip gradients to this norm (default: no clipping)")
+    group.add_argument("--ema_momentum", type=float, default=0.996, help="initial teacher momentum, rises to 1")
+    group.add_argument(
+        "--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto", help="auto: bf16 on GPUs with it"
+    )
+    group.add_argument("--seed", type=int, default=0)
+
+    group = parser.add_argument_group("running it for days")
+    group.add_argument("--output_dir", default="extrema-output")
+    group.add_argument("--checkpointing_steps", type=int, help="save the full training state every N steps")
+    group.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    group.add_argument("--resume_from_checkpoint", help="'latest' (in --output_dir) or a checkpoint folder")
+    group.add_argument(
+        "--stop_after_steps", type=int, help="stop after N steps of this run, without export (for time-limited jobs)"
+    )
+    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "wandb", "trackio", "none"))
+    group.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N steps (0: at start and end)")
+    group.add_argument("--skip_knn", action="store_true", help="no kNN evaluation at all")
+    group.add_argument("--knn_train_samples", type=int, default=10_000, help="gallery size (first images of train)")
+    group.add_argument("--knn_val_samples", type=int, default=10_000, help="queries (first images of validation)")
+    group.add_argument("--knn_k", type=int, default=200)
+    group.add_argument("--knn_temperature", type=float, default=0.07)
+    group.add_argument("--export_every", type=int, help="also export the teacher backbone every N steps")
+    group.add_argument("--push_to_hub", action="store_true", help="upload <output_dir>/final to --hub_model_id")
+    group.add_argument("--hub_model_id", help="e.g. your-name/extrema-vit-base")
+    group.add_argument("--hub_private", action="store_true")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    recipe = args.recipe
+    if recipe is None and not (args.dataset_name or args.train_dir):
+        recipe = "tiny-fashion-mnist"
+    if recipe:  # recipe values replace the defaults; flags given explicitly still win
+        parser.set_defaults(**RECIPES[recipe])
+        args = parser.parse_args(argv)
+        args.recipe = recipe
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/extrema-vit-base).")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not Path(args.resume_from_checkpoint).is_dir():
+            parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder.")
+    return args
+
+
+def build_config(args) -> ExtremaConfig:
+    overrides = {"drop_path_rate": args.drop_path_rate}
+    if args.mask_ratio is not None:
+        overrides["mask_ratio"] = args.mask_ratio
+    if args.num_masks is not None:
+        overrides["num_masks"] = args.num_masks
+    try:
+        if args.model_config in PRESETS:
+            return ExtremaConfig.from_preset(args.model_config, **overrides)
+        path = Path(args.model_config)
+        if path.is_file():
+            return ExtremaConfig.from_dict({**ExtremaConfig.from_json_file(str(path)).to_dict(), **overrides})
+        if path.is_dir():
+            return ExtremaConfig.from_pretrained(str(path), **overrides)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    raise UsageError(
+        f"--model_config {args.model_config!r} is neither a preset ({', '.join(PRESETS)}) nor a config file/folder."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: accelerate's save_state + each rank's stream position, written atomically
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, position: StreamPosition, keep: int | None = None):
+    """Full training state into `folder`: written to folder.tmp, then renamed, so a kill never leaves half of one."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model, optimizer, RNG states of every process
+    state = {"step": step, "world_size": accelerator.num_processes, "position": position.to_json()}
+    (tmp / f"stream_rank{accelerator.process_index}.json").write_text(json.dumps(state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        if keep:
+            older = [p for p in list_checkpoints(folder.parent) if p != folder]
+            for old in older[: max(0, len(older) - (keep - 1))]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, folder: Path) -> tuple[int, StreamPosition]:
+    path = folder / f"stream_rank{accelerator.process_index}.json"
+    if not path.exists():
+        raise UsageError(f"{folder} is not a checkpoint of this script (no {path.name}).")
+    state = json.loads(path.read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise UsageError(
+            f"{folder} was written by {state['world_size']} processes; resume it with the same number "
+            f"(this run has {accelerator.num_processes}) so that every rank continues its own stream."
+        )
+    accelerator.load_state(str(folder))
+    return state["step"], StreamPosition.from_json(state["position"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    mixed_precision = args.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # the main process alone computes kNN accuracy; the others wait for it at a barrier
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+    )
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        force=True,
+    )
+    for noisy in ("datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    device = accelerator.device
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+
+    # Batch sizes: total = per device x processes x accumulation; lr = base lr x total / 256
+    if args.total_batch_size:
+        per_step = world_size * args.gradient_accumulation_steps
+        if args.total_batch_size % per_step:
+            raise UsageError(
+                f"--total_batch_size {args.total_batch_size} is not divisible by processes x accumulation = {per_step}."
+            )
+        args.per_device_train_batch_size = args.total_batch_size // per_step
+    total_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    peak_lr = args.learning_rate * total_batch / 256
+
+    # Data: the Fashion-MNIST cache is built once, by the main process
+    with accelerator.main_process_first():
+        builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    raw = load_raw_stream(builder, args.train_split, args.image_column, args.label_column)
+    num_examples = count_examples(builder, args.train_split)
+    steps_per_epoch = args.steps_per_epoch or (num_examples // total_batch if num_examples else None)
+    if not steps_per_epoch:
+        raise UsageError(
+            f"Cannot tell how many images the split {args.train_split!r} has"
+            + (f" ({num_examples}, less than one global batch of {total_batch})" if num_examples else "")
+            + "; pass --steps_per_epoch (or --max_train_steps with --steps_per_epoch)."
+        )
+    total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    dataset = rank_dataset(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
+
+    knn_enabled = not args.skip_knn and "label" in raw.column_names
+    if knn_enabled and args.validation_split is None:
+        args.validation_split = next((s for s in ("validation", "test") if s in split_names(builder)), None)
+    if knn_enabled and args.validation_split is None:
+        logger.warning("No validation split (name one with --validation_split): kNN accuracy is skipped.")
+        knn_enabled = False
+
+    # Model and optimizer (the same seed on every rank gives the same initial weights)
+    set_seed(args.seed)
+    config = build_config(args)
+    model = ExtremaForPreTraining(config)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.weight_decay), lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    transform = build_train_transform(args.augmentation, config.image_size, args.crop_min)
+    noise_shape = (config.num_patches,) if config.disjoint_masks else (config.num_masks, config.num_patches)
+
+    # Resume: weights, optimizer, RNG and this rank's stream position
+    step, position = 0, StreamPosition()
+    if args.resume_from_checkpoint:
+        found = list_checkpoints(output_dir) if args.resume_from_checkpoint == "latest" else None
+        folder = (found[-1] if found else None) if found is not None else Path(args.resume_from_checkpoint)
+        if folder is None:
+            logger.info("No checkpoint in %s: starting from scratch.", output_dir)
+        else:
+            step, position = load_checkpoint(accelerator, folder)
+            logger.info("Resumed from %s at step %d (epoch %d).", folder, step, position.epoch)
+
+    recipe_card = {
+        "recipe": args.recipe or "custom",
+        "backbone": args.model_config,
+        "data": args.dataset_name or args.train_dir or "Fashion-MNIST",
+        "epochs / steps": f"{total_steps / steps_per_epoch:g} / {total_steps}",
+        "total batch": total_batch,
+        "optimizer": f"AdamW ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
+        "learning rate": f"{args.learning_rate:g} x batch / 256 = {peak_lr:.3g}, {warmup_steps} warm-up steps, cosine",
+        "teacher momentum": f"{args.ema_momentum} -> 1 (cosine)",
+        "masking": f"{config.mask_ratio:.0%} x {config.num_masks} masks",
+        "augmentation": args.augmentation,
+        "drop path (student)": config.drop_path_rate,
+    }
+    logger.info(
+        "Training %s: %d steps (%d per epoch of %s images), %d processes x batch %d x accumulation %d = %d, "
+        "peak lr %.3g, %d warm-up steps.",
+        args.recipe or "", total_steps, steps_per_epoch, num_examples or "?", world_size,
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, total_batch, peak_lr, warmup_steps,
+    )  # fmt: skip
+    if args.report_to != "none":
+        accelerator.init_trackers("extrema", config={k: v for k, v in vars(args).items() if v is not None})
+
+    def evaluate_knn(at_step: int) -> dict | None:
+        """kNN accuracy of the teacher, on the main process (the others wait)."""
+        result = None
+        if accelerator.is_main_process:
+            with accelerator.autocast():
+                result = knn_accuracy(unwrapped.teacher, builder, args, config.image_size, device)
+            logger.info(
+                "step %d: kNN top-1 %.2f%%, top-5 %.2f%% (k=%d, %d gallery / %d %s images)",
+                at_step, result["top1"], result["top5"], args.knn_k, args.knn_train_samples, args.knn_val_samples,
+                args.validation_split,
+            )  # fmt: skip
+            accelerator.log({"knn/top1": result["top1"], "knn/top5": result["top5"]}, step=at_step)
+        accelerator.wait_for_everyone()
+        return result
+
+    def export(folder: Path, knn: dict | None):
+        if accelerator.is_main_process:
+            knn_card = dict(knn, k=args.knn_k, temperature=args.knn_temperature, split=args.validation_split) if knn else None
+            export_backbone(
+                unwrapped.teacher,
+                folder,
+                model_id=args.hub_model_id,
+                datasets=[args.dataset_name or ("zalando-datasets/fashion_mnist" if not args.train_dir else None)],
+                recipe=recipe_card,
+                knn=knn_card,
+            )
+            logger.info("Exported the teacher backbone to %s", folder)
+        accelerator.wait_for_everyone()
+
+    knn_start = evaluate_knn(0) if knn_enabled and step == 0 else None
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    start_step, tick = step, time.perf_counter()
+    batches = None
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        if batches is None or position.epoch != epoch:
+            if position.epoch != epoch:  # a new epoch (or a checkpoint taken at the end of the previous one)
+                position = StreamPosition(epoch=epoch)
+            batches = training_batches(dataset, transform, args, noise_shape, position, device)
+
+        lr = get_lr(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
+        momentum = get_momentum(step, total_steps, args.ema_momentum)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(args.gradient_accumulation_steps):
+            batch = next(batches)
+            noise = batch["noise"].to(device, non_blocking=True)
+            inputs = {
+                "pixel_values": batch["pixel_values"].to(device, non_blocking=True),
+                "pixel_values_teacher": batch.get("pixel_values_teacher"),
+                "noise": noise if noise.ndim == 2 else noise.transpose(0, 1),  # (B, N) or (B, M, N) -> (M, B, N)
+            }
+            if inputs["pixel_values_teacher"] is not None:
+                inputs["pixel_values_teacher"] = inputs["pixel_values_teacher"].to(device, non_blocking=True)
+            # gradients are all-reduced once per step, on the last micro-batch
+            last = micro_step == args.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss = model(**inputs).loss
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+            loss_sum += loss.detach()
+
+        loss_value = accelerator.reduce(loss_sum / args.gradient_accumulation_steps, "mean").item()
+        if not math.isfinite(loss_value):
+            folder = output_dir / f"nonfinite-step-{step}"
+            save_checkpoint(accelerator, folder, step, position)
+            raise FloatingPointError(
+                f"The loss is {loss_value} at step {step} (lr {lr:.3g}). The state before this step is saved in "
+                f"{folder} for debugging; lower --learning_rate, set --max_grad_norm, or use --mixed_precision no."
+            )
+        log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps
+        grad_norm = None
+        if args.max_grad_norm or log_now:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        unwrapped.update_teacher(momentum)
+        step += 1
+        progress.update(1)
+
+        if log_now:
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            images_per_second = total_batch * ((step - start_step) % args.logging_steps or args.logging_steps) / elapsed
+            start_step = step
+            logs = {
+                "train/loss": loss_value,
+                "train/lr": lr,
+                "train/momentum": momentum,
+                "train/grad_norm": grad_norm,
+                "train/images_per_second": images_per_second,
+                "train/epoch": step / steps_per_epoch,
+                "data/skipped_images": sum(position.skipped_images.values()),
+            }
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir / f"checkpoint-{step}", step, position, args.keep_checkpoints)
+        if knn_enabled and args.knn_every and step % args.knn_every == 0 and step < total_steps:
+            evaluate_knn(step)
+            model.train()
+        if args.export_every and step % args.export_every == 0 and step < total_steps:
+            export(output_dir / f"export-step-{step}", None)
+        if args.stop_after_steps and step - progress.initial >= args.stop_after_steps and step < total_steps:
+            logger.info("Stopping after %d steps as asked (--stop_after_steps); resume with --resume_from_checkpoint.", args.stop_after_steps)
+            progress.close()
+            accelerator.end_training()
+            return None
+    progress.close()
+    del batches  # shuts the DataLoader workers down
+
+    knn_end = evaluate_knn(step) if knn_enabled else None
+    if knn_start and knn_end and accelerator.is_main_process:
+        print(
+            f"kNN top-1 on {args.validation_split}: {knn_start['top1']:.2f}% at initialisation -> "
+            f"{knn_end['top1']:.2f}% after {step} steps"
+        )
+    final = output_dir / "final"
+    export(final, knn_end)
+    if args.push_to_hub and accelerator.is_main_process:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.hub_model_id, private=args.hub_private, exist_ok=True)
+        api.upload_folder(repo_id=args.hub_model_id, folder_path=str(final), commit_message=f"ExtreMA, step {step}")
+        logger.info("Uploaded %s to https://huggingface.co/%s", final, args.hub_model_id)
+    accelerator.end_training()
+    return {"step": step, "knn_start": knn_start, "knn_end": knn_end, "final_dir": str(final), "loss": loss_value}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")
