@@ -130,10 +130,11 @@ def prepare_fashion_mnist(source_dir=FASHION_MNIST_DIR, cache_dir=None) -> Path:
             "or train on other data with --train_dir DIR or --dataset_name NAME."
         )
     cache_dir = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "extrema" / "fashion-mnist-parquet")
-    if (cache_dir / "done").exists():
+    if (cache_dir / ".complete").exists():
         return cache_dir
     tmp_dir = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.getpid()}")
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    datasets.disable_progress_bars()  # eight "Creating parquet" bars say nothing
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES))}
     )
@@ -151,7 +152,7 @@ def prepare_fashion_mnist(source_dir=FASHION_MNIST_DIR, cache_dir=None) -> Path:
                 {"image": pngs, "label": labels[indices].tolist()}, features=features
             )
             table.to_parquet(str(tmp_dir / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"))
-    (tmp_dir / "done").touch()
+    (tmp_dir / ".complete").touch()
     try:
         tmp_dir.rename(cache_dir)
     except OSError:  # another process finished first
@@ -250,7 +251,8 @@ def load_raw_stream(builder, split="train", image_column=None, label_column=None
     ds = ds.select_columns(columns)
     if isinstance(features.get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))  # we decode, so bad images can be skipped
-    return ds.rename_columns({image_column: "image", **({label_column: "label"} if label_column else {})})
+    renames = {image_column: "image", **({label_column: "label"} if label_column else {})}
+    return ds.rename_columns({old: new for old, new in renames.items() if old != new})
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -1077,6 +1079,8 @@ def main(argv=None):
         accelerator.wait_for_everyone()
         return result
 
+    data_ids = [args.dataset_name] if args.dataset_name else [] if args.train_dir else ["zalando-datasets/fashion_mnist"]
+
     def export(folder: Path, knn: dict | None):
         if accelerator.is_main_process:
             knn_card = dict(knn, k=args.knn_k, temperature=args.knn_temperature, split=args.validation_split) if knn else None
@@ -1084,7 +1088,7 @@ def main(argv=None):
                 unwrapped.teacher,
                 folder,
                 model_id=args.hub_model_id,
-                datasets=[args.dataset_name or ("zalando-datasets/fashion_mnist" if not args.train_dir else None)],
+                datasets=data_ids,
                 recipe=recipe_card,
                 knn=knn_card,
             )
@@ -1094,8 +1098,8 @@ def main(argv=None):
     knn_start = evaluate_knn(0) if knn_enabled and step == 0 else None
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    start_step, tick = step, time.perf_counter()
-    batches = None
+    first_step, logged_step, tick = step, step, time.perf_counter()
+    batches, loss_value = None, None
     while step < total_steps:
         epoch = step // steps_per_epoch
         if batches is None or position.epoch != epoch:
@@ -1145,9 +1149,8 @@ def main(argv=None):
         progress.update(1)
 
         if log_now:
-            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            images_per_second = total_batch * ((step - start_step) % args.logging_steps or args.logging_steps) / elapsed
-            start_step = step
+            images_per_second = total_batch * (step - logged_step) / (time.perf_counter() - tick)
+            logged_step, tick = step, time.perf_counter()
             logs = {
                 "train/loss": loss_value,
                 "train/lr": lr,
@@ -1166,8 +1169,8 @@ def main(argv=None):
             model.train()
         if args.export_every and step % args.export_every == 0 and step < total_steps:
             export(output_dir / f"export-step-{step}", None)
-        if args.stop_after_steps and step - progress.initial >= args.stop_after_steps and step < total_steps:
-            logger.info("Stopping after %d steps as asked (--stop_after_steps); resume with --resume_from_checkpoint.", args.stop_after_steps)
+        if args.stop_after_steps and step - first_step >= args.stop_after_steps and step < total_steps:
+            logger.info("Stopping after %d steps (--stop_after_steps); continue with --resume_from_checkpoint.", step)
             progress.close()
             accelerator.end_training()
             return None

@@ -1,0 +1,282 @@
+"""What the evaluation and analysis scripts share: flags, loading an ExtreMA backbone, labelled loaders, output.
+
+The data code (sources, decoding, transforms, feature extraction, kNN) lives in `train_extrema.py` and is imported
+from there, so that evaluation reads images exactly as training does.
+"""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+from torchvision.transforms import v2
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: train_extrema and the model
+
+from train_extrema import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    UsageError,
+    _collate_eval,
+    add_data_args,
+    count_examples,
+    load_image_stream,
+    load_raw_stream,
+    open_dataset,
+    split_names,
+)
+
+
+def add_eval_args(parser, batch_size: int = 256):
+    """The flags every script takes: the model, the data (train_extrema's flags), the output, sample caps."""
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="an ExtreMA folder (e.g. <train output_dir>/final) or Hub id"
+    )
+    parser.add_argument("--output_dir", required=True, help="results.json (and PNGs) are written here")
+    parser.add_argument("--max_train_samples", type=int, help="use only the first N images of the training split")
+    parser.add_argument("--max_eval_samples", type=int, help="use only the first N images of the evaluation split")
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="per-device batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    add_data_args(parser)
+    return parser
+
+
+def load_extrema(name_or_path: str, **kwargs):
+    """The ExtreMA backbone (`ExtremaModel`) of a folder or Hub repo, in eval mode.
+
+    Folders of the pre-training model (student + teacher) give their teacher and classification folders their
+    backbone, so any saved ExtreMA model can be evaluated. Anything else is refused before its weights are read.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"Cannot read a model configuration from {name_or_path!r}: {error}") from error
+    if config.model_type != "extrema":
+        raise UsageError(
+            f"{name_or_path!r} is a {config.model_type!r} model, not ExtreMA (config model_type 'extrema'). Pass a "
+            "folder exported by train_extrema.py (<output_dir>/final) or converted with "
+            "scripts/convert_official_checkpoint.py."
+        )
+    architectures = config.architectures or []
+    if "ExtremaForPreTraining" in architectures:
+        model = AutoModelForPreTraining.from_pretrained(name_or_path, trust_remote_code=True, **kwargs).teacher
+    elif "ExtremaForImageClassification" in architectures:
+        model = AutoModelForImageClassification.from_pretrained(name_or_path, trust_remote_code=True, **kwargs).extrema
+    else:
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, **kwargs)
+    return model.eval()
+
+
+def build_classifier(backbone, num_labels: int, pooling: str, **config_overrides):
+    """`ExtremaForImageClassification` over a copy of `backbone`'s weights, with a fresh head.
+
+    pooling "cls": non-affine BatchNorm + Linear on the class token (the linear probe); "mean": LayerNorm + Linear on
+    the mean patch token (fine-tuning). The class comes from the module the backbone was loaded from, so a Hub
+    model's own remote code is used even when its config does not map AutoModelForImageClassification.
+    """
+    config = copy.deepcopy(backbone.config)
+    config.num_labels, config.classifier_pooling = num_labels, pooling
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
+    model = sys.modules[type(backbone).__module__].ExtremaForImageClassification(config)
+    model.extrema.load_state_dict(backbone.state_dict())
+    return model
+
+
+def split_size_and_classes(args, split: str, max_samples: int | None = None) -> tuple[int, int]:
+    """(number of images, number of classes) of a labelled split, capped at `max_samples` images.
+
+    Read from the dataset's metadata (split sizes, a ClassLabel column) when it has them, else by reading the label
+    column of the (capped) split once, without decoding images.
+    """
+    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    raw = load_raw_stream(builder, split, args.image_column, args.label_column)
+    if "label" not in (raw.column_names or ["label"]):
+        raise UsageError(f"The split {split!r} has no label column; name it with --label_column.")
+    size = count_examples(builder, split)
+    label_feature = (raw.features or {}).get("label")
+    num_classes = label_feature.num_classes if isinstance(label_feature, datasets.ClassLabel) else None
+    if size is None or num_classes is None:
+        labels = [row["label"] for row in (raw.take(max_samples) if max_samples else raw)]
+        size, num_classes = len(labels), num_classes or max(labels) + 1
+    return (min(size, max_samples) if max_samples else size), num_classes
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> dict:
+    """Top-1 / top-5 accuracy in % over the whole loader (all processes)."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not accelerator.is_main_process):
+        logits = model(batch["pixel_values"]).logits
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        top5, labels = accelerator.gather_for_metrics((top5, batch["label"]))
+        correct1 += (top5[:, 0] == labels).sum().item()
+        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        total += labels.shape[0]
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_eval": total}
+
+
+def resolve_validation_split(args) -> str:
+    """--validation_split, else the dataset's 'validation' or 'test' split."""
+    if args.validation_split:
+        return args.validation_split
+    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    splits = split_names(builder)
+    for name in ("validation", "test"):
+        if name in splits:
+            return name
+    raise UsageError(f"The dataset has no 'validation' or 'test' split (it has {splits}); name one with --validation_split.")
+
+
+def image_stream(args, split: str, max_samples: int | None = None, require_labels: bool = False):
+    """Rows {"image": RGB PIL, "label"?} of a split: the first `max_samples` decodable images (a fixed subset)."""
+    stream = load_image_stream(
+        dataset_name=args.dataset_name,
+        dataset_config=args.dataset_config,
+        train_dir=args.train_dir,
+        split=split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        fashion_mnist_dir=args.fashion_mnist_dir,
+    )
+    if max_samples is not None:
+        stream = stream.take(max_samples)
+    if require_labels:
+        first = next(iter(stream), None)
+        if first is None:
+            raise UsageError(f"The split {split!r} has no decodable image.")
+        if first.get("label") is None:
+            raise UsageError(
+                f"The split {split!r} has no labels (columns: {sorted(first)}), and this evaluation needs them. "
+                "Name the label column with --label_column, or use a labelled dataset."
+            )
+    return stream
+
+
+def labelled_loader(args, split, transform, max_samples=None, shuffle=False, batch_size=None):
+    """Batches {"pixel_values" (B, 3, S, S), "label" (B,)} of a labelled split.
+
+    With `shuffle` the same fixed subset is reshuffled every epoch (call `loader.dataset.set_epoch(epoch)`).
+    """
+    stream = image_stream(args, split, max_samples, require_labels=True)
+    if shuffle:
+        stream = stream.shuffle(seed=args.seed, buffer_size=max(1, args.shuffle_buffer_size))
+    stream = stream.map(lambda row: {**row, "pixel_values": transform(row["image"])}, remove_columns=["image"])
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=batch_size or args.batch_size,
+        num_workers=min(args.num_workers, stream.num_shards),
+        collate_fn=_collate_eval,
+    )
+
+
+def load_image(args, split: str | None = None):
+    """One RGB PIL image: the file --image, else image number --image_index of the dataset split."""
+    import PIL.Image
+
+    if args.image:
+        return PIL.Image.open(args.image).convert("RGB")
+    split = split or args.train_split
+    row = next(iter(image_stream(args, split).skip(args.image_index).take(1)), None)
+    if row is None:
+        raise UsageError(f"The split {split!r} has fewer than {args.image_index + 1} images; lower --image_index.")
+    return row["image"]
+
+
+def add_image_args(parser):
+    parser.add_argument("--image", help="an image file (default: an image of the dataset, see --image_index)")
+    parser.add_argument("--image_index", type=int, default=0, help="which image of --train_split to use")
+    parser.add_argument("--panel_size", type=int, default=224, help="side of every picture in the PNG, in pixels")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures: normalised tensors back to [0, 1], heat maps, grids
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels -> the model's input (ImageNet normalisation, as build_eval_transform does)."""
+    return v2.functional.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def denormalize(pixel_values: torch.Tensor) -> torch.Tensor:
+    """The model's input -> [0, 1] pixels, for display."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixel_values.device).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixel_values.device).view(-1, 1, 1)
+    return (pixel_values * std + mean).clamp(0, 1)
+
+
+def resize_panel(image: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """(3, h, w) -> (3, size, size)."""
+    return torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode=mode)[0].clamp(0, 1)
+
+
+def overlay(image: torch.Tensor, heat: torch.Tensor, color=(1.0, 0.0, 0.0), alpha: float = 0.7) -> torch.Tensor:
+    """Blend `color` over a (3, S, S) image where heat (h, w) is high; heat is rescaled to [0, 1] first.
+
+    The map is upsampled with nearest neighbours, so that each patch stays one visible square.
+    """
+    heat = heat.float()
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    heat = torch.nn.functional.interpolate(heat[None, None], size=image.shape[-2:], mode="nearest")[0]  # (1, S, S)
+    tint = torch.tensor(color, dtype=image.dtype).view(3, 1, 1)
+    return image * (1 - alpha * heat) + tint * alpha * heat
+
+
+def frame(image: torch.Tensor, color, width: int = 3) -> torch.Tensor:
+    """Paint a border of `width` pixels in `color` inside a (3, S, S) image."""
+    image = image.clone()
+    tint = torch.tensor(color, dtype=image.dtype).view(3, 1, 1)
+    image[:, :width], image[:, -width:] = tint, tint
+    image[:, :, :width], image[:, :, -width:] = tint, tint
+    return image
+
+
+def draw_box(image: torch.Tensor, box, color, width: int = 2) -> torch.Tensor:
+    """A rectangle (x0, y0, x1, y1) in pixel coordinates of the (3, S, S) image."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+    image = image.clone()
+    patch = frame(image[:, y0:y1, x0:x1], color, min(width, (y1 - y0 + 1) // 2, (x1 - x0 + 1) // 2))
+    image[:, y0:y1, x0:x1] = patch
+    return image
+
+
+GRID_PADDING = 2
+
+
+def save_grid(panels: list[torch.Tensor], path, ncols: int) -> tuple[int, int]:
+    """Save equal-size (3, S, S) panels as one PNG, row by row; returns (width, height) in pixels.
+
+    The size is ncols * (S + 2) + 2 by nrows * (S + 2) + 2 (a 2-pixel white gap around every panel).
+    """
+    grid = make_grid(torch.stack(panels), nrow=ncols, padding=GRID_PADDING, pad_value=1.0)
+    save_image(grid, path)
+    return grid.shape[2], grid.shape[1]
+
+
+COLORS = [(1.0, 0.1, 0.1), (0.1, 0.8, 0.1), (0.2, 0.4, 1.0), (1.0, 0.8, 0.0), (0.9, 0.1, 0.9), (0.0, 0.9, 0.9)]
+
+
+def write_results(output_dir, results: dict) -> Path:
+    """<output_dir>/results.json, also printed."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return path
+
+
+def run(main):
+    """Run a script's main(), printing user errors without a traceback."""
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")

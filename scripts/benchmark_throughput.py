@@ -1,0 +1,429 @@
+"""Training throughput of ExtreMA against transformers' ViTMAEForPreTraining, and of the data pipeline.
+
+Model mode (default): one training step is what `train_extrema.py` does per batch, on synthetic images:
+
+    loss = model(student_view, teacher_view).loss   # teacher forward (no grad) + all masked views in one batch
+    loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)   # AdamW
+    model.update_teacher(momentum)                                            # EMA
+
+The peer is `ViTMAEForPreTraining` with the same encoder width and depth (mask ratio 0.75, decoder 512 x 8, the MAE
+defaults) trained with the same AdamW. All configurations are built first, warmed up, then timed in interleaved
+rounds (one step of each per round), so that a change of load on a shared machine hits all of them alike; the
+medians over rounds are reported, and the ratio to the peer is the median of the per-round ratios.
+
+    python scripts/benchmark_throughput.py --model vit-small-patch16 --batch-size 16 --precision float32 bfloat16
+    python scripts/benchmark_throughput.py --model vit-base-patch16 --batch-size 256 --precision bfloat16  # GPU
+    python scripts/benchmark_throughput.py --mode data --augmentation <name> --workers 1 2
+
+FLOP counting (`extrema_flops`, `vitmae_flops`): matrix multiplications only, counted analytically as 2*m*n*k
+(linear layers, the patch-embedding convolution as a matmul over patches, and the two attention matmuls q k^T and
+a v); normalisations, activations, softmax, the loss and the optimizer are not counted (they are <1% of the
+FLOPs and memory-bound). A forward counts 1x, its backward 2x (gradients of the inputs and of the weights). The
+teacher runs forward only, on all N patch tokens; the student runs forward and backward on the K visible tokens of
+each of the M masks; both have class-attention blocks (the class token queries the 1 + tokens) and heads (teacher
+projector; student projector + predictor). The patch embedding sees no input gradient, so its backward is 1x.
+ExtreMA ViT-B/16, 224 px, ratio 0.8 x 5 masks: ~140 GFLOPs per image and step. The counts are checked against
+`torch.utils.flop_counter` in tests/test_benchmark.py. MFU = counted FLOPs / time / the device's dense bf16 peak.
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated` over one step of that configuration after building it
+(weights, gradients, AdamW state and activations). On CPU the growth of the process's peak resident memory (VmHWM)
+from before the configuration was built to the end of one step, with freed heap returned to the OS first.
+
+Data mode: images/s of one worker (one process, one thread) decoding the JPEGs of a Parquet image dataset (the
+layout of `datasets` image datasets, e.g. ../shared/data/imagenet-sample) and applying
+`train_extrema.build_train_transform(augmentation, image_size)` to make both views, then the same through a
+`torch.utils.data.DataLoader` with each `--workers` count.
+"""
+
+import argparse
+import ctypes
+import gc
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from configuration_extrema import PRESETS, ExtremaConfig  # noqa: E402
+from modeling_extrema import ExtremaForPreTraining  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) used for MFU; override with --peak-tflops.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
+
+
+# ----------------------------------------------------------------------------------------------------------- FLOPs
+def matmul_flops(m: int, n: int, k: int) -> int:
+    """(m, k) @ (k, n): m * n multiply-adds of length k."""
+    return 2 * m * n * k
+
+
+def vit_block_flops(tokens: int, hidden: int, mlp_hidden: int) -> int:
+    """Forward of one pre-norm ViT block on one sequence: qkv, q k^T, a v, output projection, MLP."""
+    return (
+        matmul_flops(tokens, 3 * hidden, hidden)
+        + 2 * matmul_flops(tokens, tokens, hidden)  # q k^T and a v, all heads together
+        + matmul_flops(tokens, hidden, hidden)
+        + matmul_flops(tokens, mlp_hidden, hidden)
+        + matmul_flops(tokens, hidden, mlp_hidden)
+    )
+
+
+def class_attention_block_flops(tokens: int, hidden: int, mlp_hidden: int) -> int:
+    """Forward of one CaiT class-attention block: only the class token queries, keys/values are [cls; tokens]."""
+    seq = tokens + 1
+    return (
+        matmul_flops(1, hidden, hidden)  # q of the class token
+        + 2 * matmul_flops(seq, hidden, hidden)  # k and v of every token
+        + 2 * matmul_flops(1, seq, hidden)  # q k^T and a v
+        + matmul_flops(1, hidden, hidden)  # output projection
+        + matmul_flops(1, mlp_hidden, hidden)
+        + matmul_flops(1, hidden, mlp_hidden)  # MLP on the class token only
+    )
+
+
+def mlp_head_flops(dims: list[int]) -> int:
+    """Forward of a chain of linear layers dims[0] -> dims[1] -> ... on one vector."""
+    return sum(matmul_flops(1, d_out, d_in) for d_in, d_out in zip(dims, dims[1:]))
+
+
+def extrema_flops(config: ExtremaConfig) -> dict[str, int]:
+    """Matmul FLOPs of one ExtreMA training step, per image, by part (see the module docstring)."""
+    num_patches, hidden, mlp_hidden = config.num_patches, config.hidden_size, config.intermediate_size
+    visible, masks = config.num_visible_patches, config.num_masks
+    patch_embed = matmul_flops(num_patches, hidden, config.num_channels * config.patch_size**2)
+
+    def backbone(tokens: int) -> int:  # self-attention blocks, then class-attention blocks
+        return config.num_hidden_layers * vit_block_flops(
+            tokens, hidden, mlp_hidden
+        ) + config.num_class_attention_layers * class_attention_block_flops(tokens, hidden, mlp_hidden)
+
+    projector = mlp_head_flops([hidden, config.projector_hidden_size, config.projector_hidden_size, config.projection_dim])
+    predictor = mlp_head_flops([config.projection_dim, config.predictor_hidden_size, config.projection_dim])
+    return {
+        "teacher forward (N tokens) + projector": patch_embed + backbone(num_patches) + projector,
+        # the student embeds the image once (all N patches), then every mask gathers its K visible tokens
+        "student patch embedding, fwd + bwd": 2 * patch_embed,
+        "student encoders (M x K tokens), fwd + bwd": 3 * masks * backbone(visible),
+        "student projector + predictor, fwd + bwd": 3 * masks * (projector + predictor),
+    }
+
+
+def vitmae_flops(config) -> dict[str, int]:
+    """Matmul FLOPs of one ViTMAEForPreTraining training step, per image (encoder on 1 + K tokens, decoder on 1 + N)."""
+    num_patches = (config.image_size // config.patch_size) ** 2
+    visible = int(num_patches * (1 - config.mask_ratio))
+    patch_dim = config.num_channels * config.patch_size**2
+    patch_embed = matmul_flops(num_patches, config.hidden_size, patch_dim)
+    encoder = config.num_hidden_layers * vit_block_flops(1 + visible, config.hidden_size, config.intermediate_size)
+    decoder = (
+        matmul_flops(1 + visible, config.decoder_hidden_size, config.hidden_size)  # decoder_embed
+        + config.decoder_num_hidden_layers
+        * vit_block_flops(1 + num_patches, config.decoder_hidden_size, config.decoder_intermediate_size)
+        + matmul_flops(1 + num_patches, patch_dim, config.decoder_hidden_size)  # decoder_pred
+    )
+    return {
+        "patch embedding, fwd + bwd": 2 * patch_embed,
+        "encoder (1 + K tokens), fwd + bwd": 3 * encoder,
+        "decoder (1 + N tokens), fwd + bwd": 3 * decoder,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- training steps
+def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW as the training script builds it: no weight decay on biases, norms and the class token."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith("cls_token") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+
+
+class Run:
+    """One configuration to time: a model, its optimizer and a fixed synthetic batch."""
+
+    def __init__(self, name, model, precision, batch, device, flops_per_image, compile_model, momentum=0.996):
+        self.name, self.precision, self.device = name, precision, device
+        self.flops_per_image = flops_per_image
+        self.batch = batch
+        self.model = model.to(device).train()
+        self.optimizer = adamw(self.model, device)
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.momentum = momentum
+        self.times: list[float] = []
+
+    def step(self):
+        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float32
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision == "bfloat16"):
+            loss = self.forward(**self.batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.model, ExtremaForPreTraining):
+            self.model.update_teacher(self.momentum)
+
+    def timed_step(self) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.step()
+        synchronize(self.device)
+        self.times.append(time.perf_counter() - start)
+        return self.times[-1]
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resident_memory_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def release_cpu_memory():
+    """Return freed heap pages to the OS and reset the peak-RSS counter, so that VmHWM measures what follows."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5 = reset the peak resident set size (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ExtremaConfig.from_preset(
+        args.model, image_size=args.image_size, mask_ratio=args.mask_ratio, num_masks=args.num_masks
+    )
+    peer_config = ViTMAEConfig(
+        image_size=args.image_size,
+        patch_size=config.patch_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        mask_ratio=0.75,  # the MAE recipe; decoder 512 x 8 with 16 heads are ViTMAEConfig's defaults
+        attn_implementation="sdpa",
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator) for _ in "st"]
+    images = [x.to(device) for x in images]
+
+    specs = [("ViTMAE (peer)", p) for p in args.peer_precision] + [("ExtreMA", p) for p in args.precision]
+    runs = []
+    for name, precision in specs:
+        # measure each configuration's memory while it is the newest thing in the process
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        else:
+            release_cpu_memory()
+            base = resident_memory_kib("VmRSS") * 1024
+        torch.manual_seed(0)
+        if name == "ExtreMA":
+            model = ExtremaForPreTraining(config)
+            batch = {"pixel_values": images[0], "pixel_values_teacher": images[1]}
+            flops = extrema_flops(config)
+        else:
+            model = ViTMAEForPreTraining(peer_config)
+            batch = {"pixel_values": images[0]}
+            flops = vitmae_flops(peer_config)
+        run = Run(name, model, precision, batch, device, sum(flops.values()), args.compile)
+        run.flops_by_part = flops
+        for _ in range(args.warmup):
+            run.step()
+        synchronize(device)
+        if device.type == "cpu":
+            run.step()  # one more step after the warm-up, so that VmHWM covers a whole steady-state step
+            run.peak_memory = resident_memory_kib("VmHWM") * 1024 - base
+        else:
+            run.peak_memory = torch.cuda.max_memory_allocated(device) - base
+        runs.append(run)
+    return runs, config, peer_config
+
+
+def peak_tflops(args, device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return None
+
+
+def describe_device(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def benchmark_model(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.peer_precision is None:
+        args.peer_precision = ["float32"] if device.type == "cpu" else ["bfloat16"]
+    args.peer_precision = [p for p in args.peer_precision if p != "none"]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use TF32 tensor cores, as training would
+        torch.backends.cudnn.allow_tf32 = True
+    import transformers
+
+    print(f"device: {describe_device(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"load average before: {load_average()}")
+    runs, config, peer_config = build_runs(args, device)
+    print(
+        f"ExtreMA {args.model}: {args.image_size} px, batch {args.batch_size}, mask ratio {args.mask_ratio} x "
+        f"{args.num_masks} masks ({config.num_visible_patches} of {config.num_patches} patches visible per mask)"
+        f"{', torch.compile' if args.compile else ''}"
+    )
+    print(
+        f"peer ViTMAEForPreTraining: encoder {peer_config.hidden_size} x {peer_config.num_hidden_layers}, mask ratio "
+        f"{peer_config.mask_ratio}, decoder {peer_config.decoder_hidden_size} x {peer_config.decoder_num_hidden_layers}"
+    )
+    print(f"each step: forward, backward, AdamW step (+ EMA teacher update for ExtreMA); {args.warmup} warm-up steps")
+
+    for _ in range(args.rounds):  # interleaved: one step of every configuration per round
+        for run in runs:
+            run.timed_step()
+    print(f"load average after {args.rounds} rounds: {load_average()}")
+
+    peak = peak_tflops(args, device)
+    reference = next((r for r in runs if r.name.startswith("ViTMAE") and r.precision == "float32"), None)
+    reference = reference or next((r for r in runs if r.name.startswith("ViTMAE")), None)
+    header = f"{'model':<15}{'precision':<10}{'img/s':>8}{'(min-max)':>14}{'ms/step':>9}{'GFLOP/img':>10}"
+    header += f"{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}"
+    if reference:
+        header += f"   vs {reference.name.split()[0]} {reference.precision}"
+    print("\n" + header)
+    for run in runs:
+        seconds = statistics.median(run.times)
+        rates = [args.batch_size / t for t in run.times]
+        tflops = run.flops_per_image * args.batch_size / seconds / 1e12
+        mfu = f"{tflops / peak:.1%}" if peak else "-"
+        line = (
+            f"{run.name:<15}{run.precision:<10}{args.batch_size / seconds:8.2f}"
+            f"{f'({min(rates):.2f}-{max(rates):.2f})':>14}{seconds * 1e3:9.0f}{run.flops_per_image / 1e9:10.1f}"
+            f"{tflops:9.3f}{mfu:>7}{run.peak_memory / 2**20:10.0f}"
+        )
+        if reference:
+            # per-round ratios: both steps of a round ran under the same machine load
+            ratio = statistics.median(r / t for r, t in zip(reference.times, run.times))
+            line += f"   {ratio:.2f}x"
+        print(line)
+    if peak:
+        print(f"MFU against a dense bf16 peak of {peak:.0f} TFLOP/s")
+    for name, parts in {run.name: run.flops_by_part for run in runs}.items():
+        print(f"GFLOP/img {name}: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items()))
+
+
+# ---------------------------------------------------------------------------------------------------- data pipeline
+def benchmark_data(args):
+    try:
+        from train_extrema import build_train_transform
+    except ImportError as error:
+        raise SystemExit(f"The data mode needs build_train_transform from train_extrema.py ({error}).")
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    data_dir = Path(args.data_dir or os.environ.get("EXTREMA_IMAGENET_SAMPLE_DIR", REPO_ROOT.parent / "shared/data/imagenet-sample"))
+    files = sorted(data_dir.glob("*.parquet"))
+    if not files:
+        raise SystemExit(f"No Parquet files in {data_dir}; pass --data-dir or set EXTREMA_IMAGENET_SAMPLE_DIR.")
+    jpegs = [row["bytes"] for f in files for row in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
+    jpegs = jpegs[: args.num_images]
+    transform = build_train_transform(args.augmentation, args.image_size)
+    print(f"{len(jpegs)} JPEGs from {data_dir}; augmentation {args.augmentation!r}, {args.image_size} px")
+    print(f"load average before: {load_average()}")
+
+    def decode(data: bytes):
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    torch.set_num_threads(1)  # a DataLoader worker runs with one thread
+    for _ in range(min(20, len(jpegs))):  # warm-up (lazy imports, caches)
+        transform(decode(jpegs[0]))
+    for label, fn in (("decode only", decode), ("decode + transform", lambda b: transform(decode(b)))):
+        start = time.perf_counter()
+        for data in jpegs:
+            fn(data)
+        rate = len(jpegs) / (time.perf_counter() - start)
+        print(f"one worker, {label}: {rate:.0f} images/s")
+    per_worker = rate
+
+    class JpegDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(jpegs)
+
+        def __getitem__(self, i):
+            return transform(decode(jpegs[i]))
+
+    for workers in args.workers:
+        loader = torch.utils.data.DataLoader(JpegDataset(), batch_size=32, num_workers=workers, shuffle=True)
+        iterator = iter(loader)
+        next(iterator)  # worker start-up is not part of the rate
+        start, count = time.perf_counter(), 0
+        for batch in iterator:
+            count += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        rate = count / (time.perf_counter() - start)
+        print(f"DataLoader, {workers} worker(s), batch 32: {rate:.0f} images/s ({rate / max(workers, 1):.0f} per worker)")
+    print(f"load average after: {load_average()}")
+    print(
+        f"8 GPUs at ~20,000 images/s need ~{math.ceil(20000 / per_worker)} such worker cores "
+        f"(~{math.ceil(20000 / per_worker / 8)} per GPU)"
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("model", "data"), default="model")
+    parser.add_argument("--model", default="vit-small-patch16", choices=sorted(PRESETS), help="ExtreMA preset")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mask-ratio", type=float, default=0.8)
+    parser.add_argument("--num-masks", type=int, default=5)
+    parser.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"),
+                        help="ExtreMA precisions to time (bfloat16 = autocast)")
+    parser.add_argument("--peer-precision", nargs="+", default=None, choices=("float32", "bfloat16", "none"),
+                        help="ViTMAE precisions (default: float32 on CPU, bfloat16 on CUDA; none skips the peer)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
+    parser.add_argument("--rounds", type=int, default=6, help="timed steps per configuration, interleaved")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
+    parser.add_argument("--data-dir", default=None, help="Parquet image dataset (data mode)")
+    parser.add_argument("--augmentation", default="extrema", help="build_train_transform's augmentation (data mode)")
+    parser.add_argument("--num-images", type=int, default=1000, help="JPEGs to decode (data mode)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts (data mode)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    benchmark_data(args) if args.mode == "data" else benchmark_model(args)
+
+
+if __name__ == "__main__":
+    main()

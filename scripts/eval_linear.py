@@ -1,0 +1,153 @@
+"""Linear probe of an ExtreMA backbone's instance representation (the paper's Table 14, MAE's main_linprobe.py).
+
+    python scripts/eval_linear.py --model_name_or_path extrema-output/final --train_dir ../shared/data/cifar10 \
+        --output_dir eval/linear --num_train_epochs 90 --batch_size 256
+
+The backbone is frozen; a non-affine BatchNorm then a linear layer are trained on its class token
+(`ExtremaForImageClassification` with classifier_pooling="cls"). The official recipe: LARS, base lr 0.1 x batch / 256,
+no weight decay, momentum 0.9, 10 warm-up epochs then cosine decay, 90 epochs, RandomResizedCrop + flip.
+The trained probe is saved to <output_dir>/probe (a classifier that loads with from_pretrained).
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from _eval_common import (
+    add_eval_args,
+    build_classifier,
+    evaluate,
+    labelled_loader,
+    load_extrema,
+    resolve_validation_split,
+    run,
+    split_size_and_classes,
+    write_results,
+)
+from train_extrema import build_eval_transform, build_train_transform, get_lr
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step for each weight matrix is rescaled by trust * |w| / |update| (You et al. 2017).
+
+    MAE's util/lars.py, used by the official linear probe; biases and norm parameters (ndim 1) take plain SGD steps.
+    """
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(update)
+                    ratio = torch.where(
+                        (param_norm > 0) & (update_norm > 0), group["trust"] * param_norm / update_norm, 1.0
+                    )
+                    update = update * ratio
+                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                momentum.mul_(group["momentum"]).add_(update)
+                p.add_(momentum, alpha=-group["lr"])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(parser, batch_size=256)
+    parser.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
+    parser.add_argument("--base_learning_rate", type=float, default=0.1, help="lr = base lr x total batch / 256")
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--num_train_epochs", type=int, default=90)
+    parser.add_argument("--warmup_epochs", type=float, default=10)
+    parser.add_argument(
+        "--augmentation", choices=("crop", "none"), default="crop", help="crop: RandomResizedCrop + flip (official)"
+    )
+    parser.add_argument("--num_labels", type=int, help="number of classes (default: read from the dataset)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    backbone = load_extrema(args.model_name_or_path)
+    image_size = backbone.config.image_size
+    validation_split = resolve_validation_split(args)
+    num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
+    num_labels = args.num_labels or num_labels
+
+    model = build_classifier(backbone, num_labels, pooling="cls")
+    model.extrema.requires_grad_(False)  # frozen: only the BatchNorm statistics and the linear layer learn
+    torch.nn.init.normal_(model.classifier.weight, std=0.01)  # MAE's probe init
+    torch.nn.init.zeros_(model.classifier.bias)
+
+    train_transform = (
+        build_train_transform("crop", image_size, crop_min=0.08).shared  # one RandomResizedCrop + flip view
+        if args.augmentation == "crop"
+        else build_eval_transform(image_size)
+    )
+    train_loader = labelled_loader(args, args.train_split, train_transform, args.max_train_samples, shuffle=True)
+    eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
+
+    total_batch = args.batch_size * accelerator.num_processes
+    peak_lr = args.base_learning_rate * total_batch / 256
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "lars":
+        optimizer = LARS(trainable, lr=peak_lr, weight_decay=args.weight_decay, momentum=args.momentum)
+    else:
+        optimizer = torch.optim.SGD(trainable, lr=peak_lr, weight_decay=args.weight_decay, momentum=args.momentum)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+
+    steps_per_epoch = math.ceil(num_train / total_batch)
+    total_steps = args.num_train_epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    step, loss = 0, torch.tensor(float("nan"))
+    progress = tqdm(total=total_steps, desc="linear probe", disable=not accelerator.is_main_process)
+    for epoch in range(args.num_train_epochs):
+        train_loader.set_epoch(epoch)  # a new shuffle of the same images
+        model.train()
+        accelerator.unwrap_model(model).extrema.eval()
+        for batch in train_loader:
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, total_steps, warmup_steps, peak_lr)
+            loss = F.cross_entropy(model(batch["pixel_values"]).logits, batch["label"])
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+    progress.close()
+
+    metrics = evaluate(model, eval_loader, accelerator)
+    results = {
+        "model": str(args.model_name_or_path),
+        "representation": "pooler_output (class token), frozen",
+        "eval_split": validation_split,
+        "num_train": num_train,
+        "num_labels": num_labels,
+        "optimizer": args.optimizer,
+        "epochs": args.num_train_epochs,
+        "steps": step,
+        "peak_lr": peak_lr,
+        "final_train_loss": loss.item(),
+        **metrics,
+    }
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(f"{args.output_dir}/probe")
+        write_results(args.output_dir, results)
+    return results
+
+
+if __name__ == "__main__":
+    run(main)
