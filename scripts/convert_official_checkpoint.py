@@ -138,11 +138,16 @@ def main(argv=None):
     from train_extrema import export_backbone  # the training script owns the export (weights, processor, card)
 
     source = Path(args.checkpoint).name
-    if args.full:
+    if args.full:  # everything, to continue pre-training: AutoModelForPreTraining.from_pretrained(output_dir, ...)
         model.save_pretrained(args.output_dir)
-        export_backbone(model.teacher, Path(args.output_dir) / "teacher", converted_from=source)
     else:
-        export_backbone(model, args.output_dir, converted_from=source)
+        role = "momentum (teacher)" if args.encoder == "momentum" else "base (student)"
+        description = (
+            f"The {role} encoder of the official ExtreMA checkpoint `{source}` (github.com/microsoft/ExtreMA), "
+            "converted to 🤗 Transformers. `pooler_output` (the class token built by class-attention blocks) is the "
+            "instance representation; `last_hidden_state[:, 1:]` are the patch tokens (the distributed representation)."
+        )
+        export_backbone(model, args.output_dir, description=description)
     print(f"Converted {source} ({config.num_hidden_layers} layers, width {config.hidden_size}) -> {args.output_dir}")
 
 

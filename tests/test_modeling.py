@@ -71,6 +71,35 @@ def test_backbone_conversion_takes_the_requested_encoder(golden_path):
     torch.testing.assert_close(base.encoder.cls_token, state_dict["base_encoder.cls_token"], atol=0, rtol=0)
 
 
+def test_conversion_command_writes_a_loadable_folder(golden_path, tmp_path):
+    from transformers import AutoModel, AutoModelForPreTraining
+
+    from convert_official_checkpoint import main as convert_main
+
+    golden = torch.load(golden_path, map_location="cpu", weights_only=True)
+    convert_main(["--checkpoint", str(golden_path), "--output_dir", str(tmp_path / "backbone")])
+    assert {"model.safetensors", "preprocessor_config.json", "README.md", "modeling_extrema.py"} <= {
+        p.name for p in (tmp_path / "backbone").iterdir()
+    }
+    backbone = AutoModel.from_pretrained(tmp_path / "backbone", trust_remote_code=True).eval()
+    with torch.no_grad():
+        pooled = backbone(golden["pixel_values"]).pooler_output
+    torch.testing.assert_close(pooled, golden["teacher_instance"], atol=1e-5, rtol=0)
+
+    convert_main(["--checkpoint", str(golden_path), "--output_dir", str(tmp_path / "full"), "--full"])
+    full = AutoModelForPreTraining.from_pretrained(tmp_path / "full", trust_remote_code=True).eval()
+    ids_keep = torch.stack(golden["masks"])
+    with torch.no_grad():
+        predictions = full(golden["pixel_values"], ids_keep=ids_keep).predictions
+    torch.testing.assert_close(predictions, golden["student_prediction_masked"], atol=1e-5, rtol=0)
+
+
+def test_conversion_rejects_other_checkpoints(tmp_path):
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="not an official ExtreMA checkpoint"):
+        load_official_state_dict(tmp_path / "resnet.pth")
+
+
 # ------------------------------------------------------------------------------------------------------- backbone
 
 
