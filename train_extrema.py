@@ -507,12 +507,14 @@ def training_batches(dataset, transform, args, noise_shape, position: StreamPosi
 def rank_dataset(raw: datasets.IterableDataset, rank: int, world_size: int, seed: int, buffer_size: int):
     """This rank's part of the shuffled raw stream.
 
-    The shuffle (of the shard order, then within a buffer) uses the same seed on every rank, as `split_dataset_by_node`
+    The shuffle (of the shard order, then of the rows within a buffer) uses the same seed on every rank, as `split_dataset_by_node`
     requires. Whole shards go to each rank when there are enough of them (a few more rows on some ranks do not matter:
     epochs are counted in steps); with fewer shards than 8 per rank and a count that does not divide, every rank reads
     all rows and keeps 1 in world_size.
     """
-    ds = raw.shuffle(seed=seed, buffer_size=buffer_size) if buffer_size > 1 else raw
+    # max_buffer_input_shards=1: the buffer fills from one shard at a time. Interleaving shards reads them in threads,
+    # after which datasets 5.x sleeps 5 s whenever a pass ends or stops (apache/arrow#45214), i.e. every epoch.
+    ds = raw.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=1) if buffer_size > 1 else raw
     if world_size == 1:
         return ds
     num_shards = raw.num_shards
@@ -822,6 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--mask_ratio", type=float, help="fraction of patches hidden from the student (config's)")
     group.add_argument("--num_masks", type=int, help="masked views per image (default: the config's)")
+    group.add_argument("--loss", choices=("byol", "infonce"), help="training objective (default: the config's, byol)")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student")
     group.add_argument("--augmentation", choices=AUGMENTATIONS, default="shared_crop_color")
     group.add_argument("--crop_min", type=float, default=0.2, help="smallest random-resized-crop scale")
@@ -898,6 +901,8 @@ def build_config(args) -> ExtremaConfig:
         overrides["mask_ratio"] = args.mask_ratio
     if args.num_masks is not None:
         overrides["num_masks"] = args.num_masks
+    if args.loss is not None:
+        overrides["loss"] = args.loss
     try:
         if args.model_config in PRESETS:
             return ExtremaConfig.from_preset(args.model_config, **overrides)
@@ -1193,7 +1198,15 @@ def main(argv=None):
         api.upload_folder(repo_id=args.hub_model_id, folder_path=str(final), commit_message=f"ExtreMA, step {step}")
         logger.info("Uploaded %s to https://huggingface.co/%s", final, args.hub_model_id)
     accelerator.end_training()
-    return {"step": step, "knn_start": knn_start, "knn_end": knn_end, "final_dir": str(final), "loss": loss_value}
+    return {
+        "step": step,
+        "loss": loss_value,
+        "knn_start": knn_start,
+        "knn_end": knn_end,
+        "num_examples": num_examples,
+        "steps_per_epoch": steps_per_epoch,
+        "final_dir": str(final),
+    }
 
 
 if __name__ == "__main__":

@@ -163,11 +163,14 @@ def image_stream(args, split: str, max_samples: int | None = None, require_label
 def labelled_loader(args, split, transform, max_samples=None, shuffle=False, batch_size=None):
     """Batches {"pixel_values" (B, 3, S, S), "label" (B,)} of a labelled split.
 
-    With `shuffle` the same fixed subset is reshuffled every epoch (call `loader.dataset.set_epoch(epoch)`).
+    With `shuffle` the same fixed subset is reshuffled every epoch (call `set_epoch(epoch)` on the loader).
     """
     stream = image_stream(args, split, max_samples, require_labels=True)
     if shuffle:
-        stream = stream.shuffle(seed=args.seed, buffer_size=max(1, args.shuffle_buffer_size))
+        # one shard at a time feeds the buffer: datasets sleeps 5 s at the end of every pass that interleaves
+        # Parquet shards (a pyarrow thread-shutdown workaround), which would add 5 s to every epoch
+        buffer_size = max(1, args.shuffle_buffer_size)
+        stream = stream.shuffle(seed=args.seed, buffer_size=buffer_size, max_buffer_input_shards=1)
     stream = stream.map(lambda row: {**row, "pixel_values": transform(row["image"])}, remove_columns=["image"])
     return torch.utils.data.DataLoader(
         stream,

@@ -204,9 +204,13 @@ def release_cpu_memory():
 def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    config = ExtremaConfig.from_preset(
-        args.model, image_size=args.image_size, mask_ratio=args.mask_ratio, num_masks=args.num_masks
-    )
+    def extrema_config(attn_implementation: str) -> ExtremaConfig:
+        return ExtremaConfig.from_preset(
+            args.model, image_size=args.image_size, mask_ratio=args.mask_ratio, num_masks=args.num_masks,
+            attn_implementation=attn_implementation,
+        )
+
+    config = extrema_config(args.attn_implementation[0])
     peer_config = ViTMAEConfig(
         image_size=args.image_size,
         patch_size=config.patch_size,
@@ -221,9 +225,10 @@ def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
     images = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator) for _ in "st"]
     images = [x.to(device) for x in images]
 
-    specs = [("ViTMAE (peer)", p) for p in args.peer_precision] + [("ExtreMA", p) for p in args.precision]
+    specs = [("ViTMAE (peer)", p, "sdpa") for p in args.peer_precision]
+    specs += [("ExtreMA", p, a) for a in args.attn_implementation for p in args.precision]
     runs = []
-    for name, precision in specs:
+    for name, precision, attn_implementation in specs:
         # measure each configuration's memory while it is the newest thing in the process
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -234,7 +239,7 @@ def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
             base = resident_memory_kib("VmRSS") * 1024
         torch.manual_seed(0)
         if name == "ExtreMA":
-            model = ExtremaForPreTraining(config)
+            model = ExtremaForPreTraining(extrema_config(attn_implementation))
             batch = {"pixel_values": images[0], "pixel_values_teacher": images[1]}
             flops = extrema_flops(config)
         else:
@@ -242,7 +247,7 @@ def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
             batch = {"pixel_values": images[0]}
             flops = vitmae_flops(peer_config)
         run = Run(name, model, precision, batch, device, sum(flops.values()), args.compile)
-        run.flops_by_part = flops
+        run.attn_implementation, run.flops_by_part = attn_implementation, flops
         for _ in range(args.warmup):
             run.step()
         synchronize(device)
@@ -285,6 +290,10 @@ def load_average() -> str:
 
 def benchmark_model(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.attn_implementation is None:
+        # the CPU sdpa kernels are slower than eager attention on the short sequences of masked views (most of all
+        # in bfloat16); on CUDA the flash / memory-efficient kernels win
+        args.attn_implementation = ["eager"] if device.type == "cpu" else ["sdpa"]
     if args.peer_precision is None:
         args.peer_precision = ["float32"] if device.type == "cpu" else ["bfloat16"]
     args.peer_precision = [p for p in args.peer_precision if p != "none"]
@@ -315,7 +324,7 @@ def benchmark_model(args):
     peak = peak_tflops(args, device)
     reference = next((r for r in runs if r.name.startswith("ViTMAE") and r.precision == "float32"), None)
     reference = reference or next((r for r in runs if r.name.startswith("ViTMAE")), None)
-    header = f"{'model':<15}{'precision':<10}{'img/s':>8}{'(min-max)':>14}{'ms/step':>9}{'GFLOP/img':>10}"
+    header = f"{'model':<15}{'precision':<10}{'attention':<10}{'img/s':>8}{'(min-max)':>14}{'ms/step':>9}{'GFLOP/img':>10}"
     header += f"{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}"
     if reference:
         header += f"   vs {reference.name.split()[0]} {reference.precision}"
@@ -326,7 +335,7 @@ def benchmark_model(args):
         tflops = run.flops_per_image * args.batch_size / seconds / 1e12
         mfu = f"{tflops / peak:.1%}" if peak else "-"
         line = (
-            f"{run.name:<15}{run.precision:<10}{args.batch_size / seconds:8.2f}"
+            f"{run.name:<15}{run.precision:<10}{run.attn_implementation:<10}{args.batch_size / seconds:8.2f}"
             f"{f'({min(rates):.2f}-{max(rates):.2f})':>14}{seconds * 1e3:9.0f}{run.flops_per_image / 1e9:10.1f}"
             f"{tflops:9.3f}{mfu:>7}{run.peak_memory / 2**20:10.0f}"
         )
@@ -409,6 +418,8 @@ def main(argv=None):
                         help="ExtreMA precisions to time (bfloat16 = autocast)")
     parser.add_argument("--peer-precision", nargs="+", default=None, choices=("float32", "bfloat16", "none"),
                         help="ViTMAE precisions (default: float32 on CPU, bfloat16 on CUDA; none skips the peer)")
+    parser.add_argument("--attn-implementation", nargs="+", default=None, choices=("sdpa", "eager"),
+                        help="ExtreMA attention kernels to time (default: eager on CPU, sdpa on CUDA); the peer uses sdpa")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     parser.add_argument("--rounds", type=int, default=6, help="timed steps per configuration, interleaved")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

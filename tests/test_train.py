@@ -1,0 +1,413 @@
+"""Tests of train_extrema.py: data stream, augmentations, kNN, schedules, resume, 2 processes, export.
+
+Everything runs on tiny Parquet datasets written by `_train_data.py`, the `tiny` config and batches of a few images.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_extrema as te  # noqa: E402
+from _train_data import png_bytes, write_image_parquet  # noqa: E402
+from configuration_extrema import ExtremaConfig  # noqa: E402
+from modeling_extrema import ExtremaForPreTraining, ExtremaModel  # noqa: E402
+
+# a few optimizer steps of the tiny network on 32 px images, without kNN or trackers
+FAST = ["--report_to", "none", "--skip_knn", "--per_device_train_batch_size", "8", "--drop_path_rate", "0"]
+
+
+def shared_data_dir(name, env):
+    path = Path(os.environ.get(env, REPO.parent / "shared" / "data" / name))
+    if not path.is_dir():
+        pytest.skip(f"{path} not found (set {env})")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kNN, schedules, weight decay
+
+
+def reference_knn(train_x, train_y, test_x, test_y, k, temperature, num_classes):
+    """Wu et al. 2018 written one query at a time."""
+    train_x = train_x / train_x.norm(dim=1, keepdim=True)
+    top1 = top5 = 0
+    for x, y in zip(test_x / test_x.norm(dim=1, keepdim=True), test_y):
+        similarity = train_x @ x
+        nearest = similarity.argsort(descending=True)[:k]
+        votes = torch.zeros(num_classes, dtype=torch.float64)
+        for j in nearest:
+            votes[train_y[j]] += torch.exp(similarity[j].double() / temperature)
+        ranked = votes.argsort(descending=True)
+        top1 += int(ranked[0] == y)
+        top5 += int(y in ranked[:5])
+    return 100 * top1 / len(test_y), 100 * top5 / len(test_y)
+
+
+def test_weighted_knn_matches_a_reference_and_chunking():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(8, 16, generator=generator)
+    train_y, test_y = torch.randint(0, 8, (300,), generator=generator), torch.randint(0, 8, (70,), generator=generator)
+    train_x = centers[train_y] + 1.5 * torch.randn(300, 16, generator=generator)
+    test_x = centers[test_y] + 1.5 * torch.randn(70, 16, generator=generator)
+    result = te.weighted_knn(train_x, train_y, test_x, test_y, k=20, temperature=0.07, chunk_size=16)
+    top1, top5 = reference_knn(train_x, train_y, test_x, test_y, 20, 0.07, 8)
+    assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
+    assert 30 < result["top1"] < 100  # neither trivial nor chance (12.5%)
+    assert te.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=1000) == result
+    # well separated clusters are classified perfectly; k larger than the gallery is clamped
+    perfect = te.weighted_knn(centers, torch.arange(8), centers * 2, torch.arange(8), k=1000)
+    assert perfect == {"top1": 100.0, "top5": 100.0}
+
+
+def test_schedules():
+    assert te.get_lr(0, 100, 10, 1.0) == 0.0
+    assert te.get_lr(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert te.get_lr(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert te.get_lr(55, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.55)  # half-way down the cosine
+    assert te.get_lr(100, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.1)
+    lrs = [te.get_lr(s, 100, 10, 1.0) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert te.get_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert te.get_momentum(50, 100, 0.996) == pytest.approx(0.998)
+    assert te.get_momentum(100, 100, 0.996) == pytest.approx(1.0)
+
+
+def test_weight_decay_only_on_weight_matrices_of_the_student():
+    model = ExtremaForPreTraining(ExtremaConfig.from_preset("tiny"))
+    decay, no_decay = te.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert "student.encoder.layer.0.attention.qkv.weight" in decayed
+    assert "predictor.0.weight" in decayed
+    assert {"student.encoder.cls_token", "student.encoder.layer.0.attention.qkv.bias",
+            "student.encoder.class_attention_layer.0.layer_scale_1", "student.layernorm.weight"} <= not_decayed  # fmt: skip
+    assert not any(n.startswith(("teacher.", "teacher_projector.")) for n in decayed | not_decayed)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | not_decayed == trainable
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images and augmentations
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "P+transparency", "RGBA", "CMYK", "I;16", "1"])
+def test_decode_image_converts_every_mode_to_rgb(mode):
+    transparent = mode in ("LA", "RGBA", "P+transparency")
+    image = PIL.Image.new("RGBA", (6, 5), (10, 200, 30, 0 if transparent else 255)).convert(mode.split("+")[0])
+    if mode == "P+transparency":
+        image.info["transparency"] = image.getpixel((0, 0))  # that palette entry is transparent
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    decoded = te.decode_image({"bytes": buffer.getvalue(), "path": None})
+    assert decoded.mode == "RGB" and decoded.size == (6, 5)
+    if transparent:  # transparent pixels are laid on white
+        assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_decode_image_returns_none_for_broken_images():
+    assert te.decode_image({"bytes": b"<html>404</html>", "path": None}) is None
+    assert te.decode_image(png_bytes(PIL.Image.new("RGB", (8, 8)))[:30]) is None  # truncated
+    assert te.decode_image(np.zeros((4, 4, 3), dtype=np.uint8)).size == (4, 4)
+
+
+def spatial_correlation(a, b):
+    return float(np.corrcoef(a[0].flatten().numpy(), b[0].flatten().numpy())[0, 1])
+
+
+def test_train_transforms_share_or_draw_views_as_in_table_4():
+    # a gray image with structure: colour jitter changes its intensities monotonically, a crop changes its layout
+    rng = np.random.default_rng(0)
+    gray = (np.kron(rng.random((8, 8)), np.ones((8, 8))) * 255).astype(np.uint8)
+    image = PIL.Image.fromarray(gray).convert("RGB")
+    torch.manual_seed(0)
+    for augmentation in te.AUGMENTATIONS:
+        student, teacher = te.build_train_transform(augmentation, 32)(image)
+        assert student.shape == teacher.shape == (3, 32, 32) and student.dtype == torch.float32
+    same = {"center", "color", "crop"}
+    for augmentation in same:
+        student, teacher = te.build_train_transform(augmentation, 32)(image)
+        assert torch.equal(student, teacher), augmentation
+    center, _ = te.build_train_transform("center", 32)(image)
+    assert torch.equal(center, te.build_eval_transform(32)(image))  # "no augmentation" is the evaluation view
+    shared = [spatial_correlation(*te.build_train_transform("shared_crop_color", 32)(image)) for _ in range(20)]
+    independent = [spatial_correlation(*te.build_train_transform("crop_color", 32)(image)) for _ in range(20)]
+    assert min(shared) > 0.9  # one crop: the same layout under two colourings
+    assert np.mean(independent) < 0.6  # two crops: different layouts
+    with pytest.raises(te.UsageError, match="Unknown augmentation"):
+        te.build_train_transform("mixup", 32)
+
+
+def test_eval_transform_normalises_with_imagenet_statistics():
+    out = te.build_eval_transform(32)(PIL.Image.new("RGB", (50, 40), (124, 116, 104)))
+    assert out.shape == (3, 32, 32)
+    expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(te.IMAGENET_MEAN)) / torch.tensor(te.IMAGENET_STD)
+    assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data sources
+
+
+def test_load_image_stream_skips_broken_images_and_detects_columns(tmp_path):
+    images = write_image_parquet(tmp_path / "data", num_images=12, num_shards=2, broken={3, 7}, column="img")
+    rows = list(te.load_image_stream(train_dir=tmp_path / "data", split="train"))
+    assert len(rows) == 10
+    assert all(r["image"].mode == "RGB" and r["image"].size == (32, 32) for r in rows)
+    assert [r["label"] for r in rows] == [i % 4 for i in range(12) if i not in (3, 7)]
+    first = np.asarray(PIL.Image.open(io.BytesIO(images[0])))
+    assert np.array_equal(np.asarray(rows[0]["image"]), first)
+    with pytest.raises(te.UsageError, match=r"no split 'validation'.*\['train'\]"):
+        te.load_image_stream(train_dir=tmp_path / "data", split="validation")
+    with pytest.raises(te.UsageError, match="--image_column 'photo'"):
+        te.load_image_stream(train_dir=tmp_path / "data", image_column="photo")
+    with pytest.raises(te.UsageError, match="not a folder"):
+        te.load_image_stream(train_dir=tmp_path / "missing")
+    with pytest.raises(te.UsageError, match="either --dataset_name or --train_dir"):
+        te.load_image_stream(dataset_name="uoft-cs/cifar10", train_dir=tmp_path / "data")
+
+
+def test_detect_columns_for_hub_layouts():
+    webdataset = datasets.Features(
+        {"__key__": datasets.Value("string"), "jpg": datasets.Image(), "cls": datasets.Value("int64")}
+    )
+    assert te.detect_columns(webdataset) == ("jpg", "cls")
+    cifar = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    assert te.detect_columns(cifar) == ("img", "label")
+    assert te.detect_columns(datasets.Features({"image": datasets.Image()})) == ("image", None)
+    with pytest.raises(te.UsageError, match="No image column"):
+        te.detect_columns(datasets.Features({"text": datasets.Value("string")}))
+
+
+def write_idx(path, array):
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_default_is_converted_once_to_parquet(tmp_path, monkeypatch):
+    source = tmp_path / "idx"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = list(te.load_image_stream(split="test", fashion_mnist_dir=source))
+    assert [r["label"] for r in rows] == list(range(10))
+    assert rows[0]["image"].mode == "RGB" and rows[0]["image"].size == (28, 28)
+    cache = tmp_path / "cache" / "extrema" / "fashion-mnist-parquet"
+    assert len(list(cache.glob("train-*.parquet"))) == 6
+    assert te.count_examples(te.open_dataset(fashion_mnist_dir=source), "train") == 30
+    with pytest.raises(te.UsageError, match="apt-get install dataset-fashion-mnist"):
+        te.prepare_fashion_mnist(tmp_path / "nowhere", cache_dir=tmp_path / "other")
+
+
+def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
+    for num_shards in (4, 1):  # whole shards per rank, and 1 row in 2 when the shards cannot be split
+        folder = tmp_path / f"shards{num_shards}"
+        images = write_image_parquet(folder, num_images=24, num_shards=num_shards)
+        raw = te.load_raw_stream(te.open_dataset(train_dir=folder), "train")
+        seen = [[row["image"]["bytes"] for row in te.rank_dataset(raw, rank, 2, seed=0, buffer_size=8)] for rank in (0, 1)]
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == sorted(images)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training stream resumes exactly, whatever the number of workers
+
+
+def take_batches(dataset, args, position, count):
+    transform = te.build_train_transform("shared_crop_color", 32)
+    batches = te.training_batches(dataset, transform, args, (64,), position, torch.device("cpu"))
+    return [next(batches) for _ in range(count)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_training_stream_resumes_exactly(tmp_path, num_workers):
+    write_image_parquet(tmp_path / "data", num_images=20, num_shards=3, broken={4})
+    raw = te.load_raw_stream(te.open_dataset(train_dir=tmp_path / "data"), "train")
+    dataset = te.rank_dataset(raw, 0, 1, seed=0, buffer_size=4)
+    args = te.parse_args(["--train_dir", "x", "--per_device_train_batch_size", "3", "--num_workers", str(num_workers)])
+    position = te.StreamPosition(epoch=1)
+    reference = take_batches(dataset, args, position, 9)  # 27 images from 19 decodable: the stream wraps around
+    assert sum(position.skipped_images.values()) >= 1
+    for consumed in (3, 5):
+        position = te.StreamPosition(epoch=1)
+        take_batches(dataset, args, position, consumed)
+        saved = te.StreamPosition.from_json(json.loads(json.dumps(position.to_json())))
+        resumed = take_batches(dataset, args, saved, 9 - consumed)
+        for a, b in zip(reference[consumed:], resumed):
+            for key in ("pixel_values", "pixel_values_teacher", "noise"):
+                assert torch.equal(a[key], b[key])
+    # another epoch is another order
+    other = take_batches(dataset, args, te.StreamPosition(epoch=2), 1)[0]
+    assert not torch.equal(other["pixel_values"], reference[0]["pixel_values"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training runs
+
+
+def test_recipes_and_defaults():
+    args = te.parse_args([])
+    assert args.recipe == "tiny-fashion-mnist" and args.model_config == "tiny"
+    args = te.parse_args(["--recipe", "vit-base-mask08x5-color", "--num_masks", "2"])
+    assert (args.model_config, args.mask_ratio, args.num_masks) == ("vit-base-patch16", 0.8, 2)
+    assert (args.augmentation, args.total_batch_size, args.warmup_epochs) == ("shared_crop_color", 2048, 40)
+    assert (args.adam_beta2, args.weight_decay, args.learning_rate, args.ema_momentum) == (0.95, 0.1, 1.5e-4, 0.996)
+    assert te.parse_args(["--recipe", "vit-base-mask09x8-color"]).num_masks == 8
+    assert te.parse_args(["--recipe", "vit-base-mask08x5"]).augmentation == "crop"
+    assert te.parse_args(["--train_dir", "x"]).recipe is None
+    with pytest.raises(SystemExit):
+        te.parse_args(["--push_to_hub"])
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
+    """6 steps in one go == 4 steps with a checkpoint at 3, a 'kill', then a resume from step 3 to 6."""
+    write_image_parquet(tmp_path / "data", num_images=44, num_shards=3, broken={5})
+    common = FAST + ["--train_dir", str(tmp_path / "data"), "--max_train_steps", "6", "--num_workers", "2",
+                     "--shuffle_buffer_size", "16", "--learning_rate", "1e-2", "--warmup_steps", "2",
+                     "--drop_path_rate", "0.1", "--checkpointing_steps", "3"]  # fmt: skip
+    # 43 decodable images / batch 8 = 5 steps per epoch: the runs cross an epoch boundary
+    one_go = te.main(common + ["--output_dir", str(tmp_path / "one_go")])
+    assert one_go["steps_per_epoch"] == 5
+    killed = tmp_path / "killed"
+    assert te.main(common + ["--output_dir", str(killed), "--stop_after_steps", "4"]) is None
+    assert [p.name for p in te.list_checkpoints(killed)] == ["checkpoint-3"] and not (killed / "final").exists()
+    resumed = te.main(common + ["--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    assert resumed["step"] == 6
+    full_state = weights(tmp_path / "one_go" / "checkpoint-6")
+    assert_same_weights(full_state, weights(killed / "checkpoint-6"), atol=1e-6)
+    assert_same_weights(weights(tmp_path / "one_go" / "final"), weights(killed / "final"), atol=1e-6)
+    # the runs did train: the student moved away from the teacher it was copied from
+    assert not torch.allclose(full_state["student.layernorm.weight"], full_state["teacher.layernorm.weight"])
+    assert resumed["loss"] == pytest.approx(one_go["loss"], abs=1e-6)
+
+
+def test_two_processes_train_the_same_model_as_one(tmp_path):
+    """2 gloo processes x batch 4 == 1 process x batch 8: same loss and weights.
+
+    One Parquet shard cannot be split by shards, so rank r reads rows r, r + 2, ...: the union of the two ranks'
+    batches is the 1-process batch, and the augmentations and masks follow each image, not the process. Equal
+    weights therefore also show that the ranks saw different images (the same images twice would give another
+    gradient); `test_ranks_read_disjoint_parts_that_cover_the_data` checks the split directly.
+    """
+    write_image_parquet(tmp_path / "data", num_images=48, num_shards=1)
+    common = FAST + ["--train_dir", str(tmp_path / "data"), "--max_train_steps", "3", "--num_workers", "0",
+                     "--shuffle_buffer_size", "0", "--learning_rate", "1e-2", "--warmup_steps", "1",
+                     "--total_batch_size", "8"]  # fmt: skip
+    single = te.main(common + ["--output_dir", str(tmp_path / "one")])
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               str(REPO / "train_extrema.py"), *common, "--output_dir", str(tmp_path / "two")]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes x batch 4" in result.stderr
+    assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"), atol=1e-5)
+    single_config = json.loads((tmp_path / "one" / "final" / "config.json").read_text())
+    assert single_config["model_type"] == "extrema" and single["step"] == 3
+
+
+def test_nonfinite_loss_saves_the_state_and_stops(tmp_path, monkeypatch):
+    class Diverging(ExtremaForPreTraining):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.loss = output.loss * float("nan")
+            return output
+
+    monkeypatch.setattr(te, "ExtremaForPreTraining", Diverging)
+    write_image_parquet(tmp_path / "data", num_images=16, num_shards=1)
+    argv = FAST + ["--train_dir", str(tmp_path / "data"), "--max_train_steps", "3", "--num_workers", "0",
+                   "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0.*nonfinite-step-0"):
+        te.main(argv)
+    assert (tmp_path / "out" / "nonfinite-step-0" / "model.safetensors").exists()
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_trains_on_cifar10_with_knn_and_tensorboard(tmp_path):
+    cifar = shared_data_dir("cifar10", "EXTREMA_CIFAR10_DIR")
+    argv = ["--train_dir", str(cifar), "--max_train_steps", "2", "--per_device_train_batch_size", "8",
+            "--num_workers", "1", "--knn_train_samples", "64", "--knn_val_samples", "32", "--knn_k", "10",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    result = te.main(argv)
+    assert result["num_examples"] == 50_000 and result["steps_per_epoch"] == 50_000 // 8
+    assert 0 <= result["knn_start"]["top1"] <= 100 and result["knn_end"]["top5"] >= result["knn_end"]["top1"]
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+    card = (tmp_path / "out" / "final" / "README.md").read_text()
+    assert "kNN" in card and f"{result['knn_end']['top1']:.2f}%" in card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def test_export_loads_with_automodel_in_a_fresh_process(tmp_path):
+    from huggingface_hub import ModelCard
+
+    torch.manual_seed(0)
+    backbone = ExtremaModel(ExtremaConfig.from_preset("tiny")).eval()
+    folder = te.export_backbone(
+        backbone, tmp_path / "export", model_id="me/extrema-tiny", datasets=["uoft-cs/cifar10"],
+        recipe={"masking": "75% x 2"}, knn={"top1": 61.25, "top5": 95.5, "k": 20},
+    )  # fmt: skip
+    pixel_values = torch.randn(2, 3, 32, 32)
+    torch.save(pixel_values, tmp_path / "x.pt")
+    expected = backbone(pixel_values).pooler_output
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoImageProcessor, AutoModel\n"
+        "model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "processor = AutoImageProcessor.from_pretrained(sys.argv[1])\n"
+        "assert processor.size == {'height': 32, 'width': 32}, processor.size\n"
+        "with torch.no_grad():\n"
+        "    out = model(torch.load(sys.argv[2])).pooler_output\n"
+        "torch.save(out, sys.argv[3])\n"
+        "print(type(model).__name__, type(processor).__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ExtremaModel", "ViTImageProcessor"]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-5, rtol=1e-5)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_extrema.ExtremaModel"
+    assert (folder / "modeling_extrema.py").exists() and (folder / "model.safetensors").exists()
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == list(te.IMAGENET_MEAN) and processor["image_std"] == list(te.IMAGENET_STD)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["uoft-cs/cifar10"]
+    assert "extrema" in card.data.tags
+    assert "61.25%" in card.text and "75% x 2" in card.text and 'from_pretrained("me/extrema-tiny"' in card.text
