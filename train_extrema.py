@@ -148,9 +148,7 @@ def prepare_fashion_mnist(source_dir=FASHION_MNIST_DIR, cache_dir=None) -> Path:
                 buffer = io.BytesIO()
                 PIL.Image.fromarray(images[i]).save(buffer, format="PNG")
                 pngs.append({"bytes": buffer.getvalue(), "path": None})
-            table = datasets.Dataset.from_dict(
-                {"image": pngs, "label": labels[indices].tolist()}, features=features
-            )
+            table = datasets.Dataset.from_dict({"image": pngs, "label": labels[indices].tolist()}, features=features)
             table.to_parquet(str(tmp_dir / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"))
     (tmp_dir / ".complete").touch()
     try:
@@ -507,10 +505,10 @@ def training_batches(dataset, transform, args, noise_shape, position: StreamPosi
 def rank_dataset(raw: datasets.IterableDataset, rank: int, world_size: int, seed: int, buffer_size: int):
     """This rank's part of the shuffled raw stream.
 
-    The shuffle (of the shard order, then of the rows within a buffer) uses the same seed on every rank, as `split_dataset_by_node`
-    requires. Whole shards go to each rank when there are enough of them (a few more rows on some ranks do not matter:
-    epochs are counted in steps); with fewer shards than 8 per rank and a count that does not divide, every rank reads
-    all rows and keeps 1 in world_size.
+    The shuffle (of the shard order, then of the rows within a buffer) uses the same seed on every rank, as
+    `split_dataset_by_node` requires. Whole shards go to each rank when there are enough of them (a few more rows on
+    some ranks do not matter: epochs are counted in steps); with fewer than 8 shards per rank and a count that does
+    not divide by the world size, every rank reads all rows and keeps 1 in world_size.
     """
     # max_buffer_input_shards=1: the buffer fills from one shard at a time. Interleaving shards reads them in threads,
     # after which datasets 5.x sleeps 5 s whenever a pass ends or stops (apache/arrow#45214), i.e. every epoch.
@@ -966,16 +964,53 @@ def load_checkpoint(accelerator, folder: Path) -> tuple[int, StreamPosition]:
 # Training
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    output_dir = Path(args.output_dir)
+@dataclass
+class Schedule:
+    """How long and how fast: batch sizes, epoch length in steps, learning rate and warm-up."""
+
+    per_device_batch: int
+    total_batch: int  # per device x processes x gradient accumulation
+    peak_lr: float  # base lr x total batch / 256
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_schedule(args, num_examples: int | None, world_size: int) -> Schedule:
+    per_device = args.per_device_train_batch_size
+    if args.total_batch_size:
+        per_step = world_size * args.gradient_accumulation_steps
+        if args.total_batch_size % per_step:
+            raise UsageError(
+                f"--total_batch_size {args.total_batch_size} is not divisible by processes x accumulation "
+                f"= {per_step}."
+            )
+        per_device = args.total_batch_size // per_step
+    total_batch = per_device * world_size * args.gradient_accumulation_steps
+    steps_per_epoch = args.steps_per_epoch or (num_examples // total_batch if num_examples else 0)
+    if not steps_per_epoch:
+        known = f" ({num_examples}, less than one global batch of {total_batch})" if num_examples else ""
+        raise UsageError(f"Cannot tell how many images the training split has{known}; pass --steps_per_epoch.")
+    total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    return Schedule(
+        per_device_batch=per_device,
+        total_batch=total_batch,
+        peak_lr=args.learning_rate * total_batch / 256,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=min(warmup, total_steps - 1),
+    )
+
+
+def make_accelerator(args) -> Accelerator:
     mixed_precision = args.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
         # the main process alone computes kNN accuracy; the others wait for it at a barrier
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
     )
@@ -986,167 +1021,164 @@ def main(argv=None):
     )
     for noisy in ("datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return accelerator
+
+
+def forward_backward(accelerator, model, batches, accumulation_steps: int) -> torch.Tensor:
+    """The micro-batches of one optimizer step: gradients accumulate in the parameters; returns the mean loss."""
     device = accelerator.device
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accumulation_steps):
+        batch = next(batches)
+        noise = batch["noise"].to(device, non_blocking=True)
+        teacher_view = batch.get("pixel_values_teacher")  # absent when both branches see the same view
+        inputs = {
+            "pixel_values": batch["pixel_values"].to(device, non_blocking=True),
+            "pixel_values_teacher": None if teacher_view is None else teacher_view.to(device, non_blocking=True),
+            "noise": noise if noise.ndim == 2 else noise.transpose(0, 1),  # (B, N), or (B, M, N) -> (M, B, N)
+        }
+        # DDP all-reduces the gradients once per step, after the last micro-batch
+        last = micro_step == accumulation_steps - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = model(**inputs).loss
+            accelerator.backward(loss / accumulation_steps)
+        loss_sum += loss.detach()
+    return loss_sum / accumulation_steps
+
+
+def evaluate_knn(accelerator, backbone, builder, args, image_size: int, step: int) -> dict | None:
+    """kNN accuracy of the teacher, computed by the main process while the others wait."""
+    result = None
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            result = knn_accuracy(backbone, builder, args, image_size, accelerator.device)
+        logger.info(
+            "step %d: kNN top-1 %.2f%%, top-5 %.2f%% (k=%d, %d gallery / %d %s images)",
+            step, result["top1"], result["top5"], args.knn_k, args.knn_train_samples, args.knn_val_samples,
+            args.validation_split,
+        )  # fmt: skip
+        accelerator.log({"knn/top1": result["top1"], "knn/top5": result["top5"]}, step=step)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def recipe_summary(args, config, schedule: Schedule) -> dict:
+    """The settings of a run, for the log and the model card."""
+    return {
+        "recipe": args.recipe or "custom",
+        "backbone": args.model_config,
+        "data": args.dataset_name or args.train_dir or "Fashion-MNIST",
+        "epochs / steps": f"{schedule.total_steps / schedule.steps_per_epoch:g} / {schedule.total_steps}",
+        "total batch": schedule.total_batch,
+        "optimizer": f"AdamW ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
+        "learning rate": f"{args.learning_rate:g} x batch / 256 = {schedule.peak_lr:.3g}, "
+        f"{schedule.warmup_steps} warm-up steps, cosine",
+        "teacher momentum": f"{args.ema_momentum} -> 1 (cosine)",
+        "masking": f"{config.mask_ratio:.0%} x {config.num_masks} masks",
+        "loss": config.loss,
+        "augmentation": args.augmentation,
+        "drop path (student)": config.drop_path_rate,
+    }
+
+
+def export_teacher(accelerator, teacher, folder: Path, args, recipe: dict, knn: dict | None = None):
+    if accelerator.is_main_process:
+        if args.dataset_name:
+            data_ids = [args.dataset_name]
+        else:
+            data_ids = [] if args.train_dir else ["zalando-datasets/fashion_mnist"]
+        if knn:
+            knn = dict(knn, k=args.knn_k, temperature=args.knn_temperature, split=args.validation_split)
+        export_backbone(teacher, folder, model_id=args.hub_model_id, datasets=data_ids, recipe=recipe, knn=knn)
+        logger.info("Exported the teacher backbone to %s", folder)
+    accelerator.wait_for_everyone()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    output_dir, device = Path(args.output_dir), accelerator.device
     world_size, rank = accelerator.num_processes, accelerator.process_index
 
-    # Batch sizes: total = per device x processes x accumulation; lr = base lr x total / 256
-    if args.total_batch_size:
-        per_step = world_size * args.gradient_accumulation_steps
-        if args.total_batch_size % per_step:
-            raise UsageError(
-                f"--total_batch_size {args.total_batch_size} is not divisible by processes x accumulation = {per_step}."
-            )
-        args.per_device_train_batch_size = args.total_batch_size // per_step
-    total_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
-    peak_lr = args.learning_rate * total_batch / 256
-
-    # Data: the Fashion-MNIST cache is built once, by the main process
+    # Data. The Fashion-MNIST cache is built once, by the main process.
     with accelerator.main_process_first():
         builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
     raw = load_raw_stream(builder, args.train_split, args.image_column, args.label_column)
     num_examples = count_examples(builder, args.train_split)
-    steps_per_epoch = args.steps_per_epoch or (num_examples // total_batch if num_examples else None)
-    if not steps_per_epoch:
-        raise UsageError(
-            f"Cannot tell how many images the split {args.train_split!r} has"
-            + (f" ({num_examples}, less than one global batch of {total_batch})" if num_examples else "")
-            + "; pass --steps_per_epoch (or --max_train_steps with --steps_per_epoch)."
-        )
-    total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
-    warmup_steps = min(warmup_steps, total_steps - 1)
+    schedule = plan_schedule(args, num_examples, world_size)
+    args.per_device_train_batch_size = schedule.per_device_batch
     dataset = rank_dataset(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
-
     knn_enabled = not args.skip_knn and "label" in raw.column_names
     if knn_enabled and args.validation_split is None:
         args.validation_split = next((s for s in ("validation", "test") if s in split_names(builder)), None)
-    if knn_enabled and args.validation_split is None:
-        logger.warning("No validation split (name one with --validation_split): kNN accuracy is skipped.")
-        knn_enabled = False
+        if args.validation_split is None:
+            logger.warning("No validation split (name one with --validation_split): no kNN accuracy.")
+            knn_enabled = False
 
-    # Model and optimizer (the same seed on every rank gives the same initial weights)
+    # Model and optimizer. The same seed on every rank gives the same initial weights.
     set_seed(args.seed)
     config = build_config(args)
     model = ExtremaForPreTraining(config)
     optimizer = torch.optim.AdamW(
-        param_groups(model, args.weight_decay), lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2)
+        param_groups(model, args.weight_decay), lr=schedule.peak_lr, betas=(args.adam_beta1, args.adam_beta2)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model)  # owns update_teacher() and the teacher to evaluate and export
     transform = build_train_transform(args.augmentation, config.image_size, args.crop_min)
     noise_shape = (config.num_patches,) if config.disjoint_masks else (config.num_masks, config.num_patches)
 
-    # Resume: weights, optimizer, RNG and this rank's stream position
+    # Resume: weights, optimizer, RNG states, and this rank's stream position
     step, position = 0, StreamPosition()
     if args.resume_from_checkpoint:
-        found = list_checkpoints(output_dir) if args.resume_from_checkpoint == "latest" else None
-        folder = (found[-1] if found else None) if found is not None else Path(args.resume_from_checkpoint)
+        folders = list_checkpoints(output_dir) if args.resume_from_checkpoint == "latest" else None
+        folder = Path(args.resume_from_checkpoint) if folders is None else (folders[-1] if folders else None)
         if folder is None:
             logger.info("No checkpoint in %s: starting from scratch.", output_dir)
         else:
             step, position = load_checkpoint(accelerator, folder)
             logger.info("Resumed from %s at step %d (epoch %d).", folder, step, position.epoch)
 
-    recipe_card = {
-        "recipe": args.recipe or "custom",
-        "backbone": args.model_config,
-        "data": args.dataset_name or args.train_dir or "Fashion-MNIST",
-        "epochs / steps": f"{total_steps / steps_per_epoch:g} / {total_steps}",
-        "total batch": total_batch,
-        "optimizer": f"AdamW ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
-        "learning rate": f"{args.learning_rate:g} x batch / 256 = {peak_lr:.3g}, {warmup_steps} warm-up steps, cosine",
-        "teacher momentum": f"{args.ema_momentum} -> 1 (cosine)",
-        "masking": f"{config.mask_ratio:.0%} x {config.num_masks} masks",
-        "augmentation": args.augmentation,
-        "drop path (student)": config.drop_path_rate,
-    }
+    recipe = recipe_summary(args, config, schedule)
     logger.info(
-        "Training %s: %d steps (%d per epoch of %s images), %d processes x batch %d x accumulation %d = %d, "
-        "peak lr %.3g, %d warm-up steps.",
-        args.recipe or "", total_steps, steps_per_epoch, num_examples or "?", world_size,
-        args.per_device_train_batch_size, args.gradient_accumulation_steps, total_batch, peak_lr, warmup_steps,
+        "%d steps of %d images (%d processes x %d x %d accumulation), %d per epoch of %s images; %s",
+        schedule.total_steps, schedule.total_batch, world_size, schedule.per_device_batch,
+        args.gradient_accumulation_steps, schedule.steps_per_epoch, num_examples or "?", recipe,
     )  # fmt: skip
     if args.report_to != "none":
         accelerator.init_trackers("extrema", config={k: v for k, v in vars(args).items() if v is not None})
+    knn_start = None
+    if knn_enabled and step == 0:
+        knn_start = evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
 
-    def evaluate_knn(at_step: int) -> dict | None:
-        """kNN accuracy of the teacher, on the main process (the others wait)."""
-        result = None
-        if accelerator.is_main_process:
-            with accelerator.autocast():
-                result = knn_accuracy(unwrapped.teacher, builder, args, config.image_size, device)
-            logger.info(
-                "step %d: kNN top-1 %.2f%%, top-5 %.2f%% (k=%d, %d gallery / %d %s images)",
-                at_step, result["top1"], result["top5"], args.knn_k, args.knn_train_samples, args.knn_val_samples,
-                args.validation_split,
-            )  # fmt: skip
-            accelerator.log({"knn/top1": result["top1"], "knn/top5": result["top5"]}, step=at_step)
-        accelerator.wait_for_everyone()
-        return result
-
-    data_ids = [args.dataset_name] if args.dataset_name else [] if args.train_dir else ["zalando-datasets/fashion_mnist"]
-
-    def export(folder: Path, knn: dict | None):
-        if accelerator.is_main_process:
-            knn_card = dict(knn, k=args.knn_k, temperature=args.knn_temperature, split=args.validation_split) if knn else None
-            export_backbone(
-                unwrapped.teacher,
-                folder,
-                model_id=args.hub_model_id,
-                datasets=data_ids,
-                recipe=recipe_card,
-                knn=knn_card,
-            )
-            logger.info("Exported the teacher backbone to %s", folder)
-        accelerator.wait_for_everyone()
-
-    knn_start = evaluate_knn(0) if knn_enabled and step == 0 else None
     model.train()
-    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    progress = tqdm(total=schedule.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     first_step, logged_step, tick = step, step, time.perf_counter()
-    batches, loss_value = None, None
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        if batches is None or position.epoch != epoch:
-            if position.epoch != epoch:  # a new epoch (or a checkpoint taken at the end of the previous one)
-                position = StreamPosition(epoch=epoch)
+    batches, loss = None, None
+    while step < schedule.total_steps:
+        epoch = step // schedule.steps_per_epoch
+        if position.epoch != epoch:  # a new epoch (or a checkpoint taken at the end of the previous one)
+            position, batches = StreamPosition(epoch=epoch), None
+        if batches is None:
             batches = training_batches(dataset, transform, args, noise_shape, position, device)
 
-        lr = get_lr(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
-        momentum = get_momentum(step, total_steps, args.ema_momentum)
+        lr = get_lr(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, args.min_learning_rate)
+        momentum = get_momentum(step, schedule.total_steps, args.ema_momentum)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            noise = batch["noise"].to(device, non_blocking=True)
-            inputs = {
-                "pixel_values": batch["pixel_values"].to(device, non_blocking=True),
-                "pixel_values_teacher": batch.get("pixel_values_teacher"),
-                "noise": noise if noise.ndim == 2 else noise.transpose(0, 1),  # (B, N) or (B, M, N) -> (M, B, N)
-            }
-            if inputs["pixel_values_teacher"] is not None:
-                inputs["pixel_values_teacher"] = inputs["pixel_values_teacher"].to(device, non_blocking=True)
-            # gradients are all-reduced once per step, on the last micro-batch
-            last = micro_step == args.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    loss = model(**inputs).loss
-                accelerator.backward(loss / args.gradient_accumulation_steps)
-            loss_sum += loss.detach()
-
-        loss_value = accelerator.reduce(loss_sum / args.gradient_accumulation_steps, "mean").item()
-        if not math.isfinite(loss_value):
+        loss = forward_backward(accelerator, model, batches, args.gradient_accumulation_steps)
+        loss = accelerator.reduce(loss, "mean").item()  # the same value on every rank: they stop together
+        if not math.isfinite(loss):
             folder = output_dir / f"nonfinite-step-{step}"
             save_checkpoint(accelerator, folder, step, position)
             raise FloatingPointError(
-                f"The loss is {loss_value} at step {step} (lr {lr:.3g}). The state before this step is saved in "
+                f"The loss is {loss} at step {step} (lr {lr:.3g}). The state before this step is saved in "
                 f"{folder} for debugging; lower --learning_rate, set --max_grad_norm, or use --mixed_precision no."
             )
-        log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps
+        log_now = (step + 1) % args.logging_steps == 0 or step + 1 == schedule.total_steps
         grad_norm = None
-        if args.max_grad_norm or log_now:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")).item()
+        if args.max_grad_norm or log_now:  # the norm costs a pass over the gradients: only when needed
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         unwrapped.update_teacher(momentum)
@@ -1154,42 +1186,45 @@ def main(argv=None):
         progress.update(1)
 
         if log_now:
-            images_per_second = total_batch * (step - logged_step) / (time.perf_counter() - tick)
+            images_per_second = schedule.total_batch * (step - logged_step) / (time.perf_counter() - tick)
             logged_step, tick = step, time.perf_counter()
             logs = {
-                "train/loss": loss_value,
+                "train/loss": loss,
                 "train/lr": lr,
                 "train/momentum": momentum,
                 "train/grad_norm": grad_norm,
                 "train/images_per_second": images_per_second,
-                "train/epoch": step / steps_per_epoch,
+                "train/epoch": step / schedule.steps_per_epoch,
                 "data/skipped_images": sum(position.skipped_images.values()),
             }
             accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir / f"checkpoint-{step}", step, position, args.keep_checkpoints)
-        if knn_enabled and args.knn_every and step % args.knn_every == 0 and step < total_steps:
-            evaluate_knn(step)
+        if step == schedule.total_steps:
+            break
+        if knn_enabled and args.knn_every and step % args.knn_every == 0:
+            evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
             model.train()
-        if args.export_every and step % args.export_every == 0 and step < total_steps:
-            export(output_dir / f"export-step-{step}", None)
-        if args.stop_after_steps and step - first_step >= args.stop_after_steps and step < total_steps:
-            logger.info("Stopping after %d steps (--stop_after_steps); continue with --resume_from_checkpoint.", step)
-            progress.close()
+        if args.export_every and step % args.export_every == 0:
+            export_teacher(accelerator, unwrapped.teacher, output_dir / f"export-step-{step}", args, recipe)
+        if args.stop_after_steps and step - first_step >= args.stop_after_steps:
+            logger.info("Stopped after step %d (--stop_after_steps); continue with --resume_from_checkpoint.", step)
             accelerator.end_training()
             return None
     progress.close()
-    del batches  # shuts the DataLoader workers down
+    del batches  # stops the DataLoader workers
 
-    knn_end = evaluate_knn(step) if knn_enabled else None
+    knn_end = None
+    if knn_enabled:
+        knn_end = evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
     if knn_start and knn_end and accelerator.is_main_process:
         print(
             f"kNN top-1 on {args.validation_split}: {knn_start['top1']:.2f}% at initialisation -> "
             f"{knn_end['top1']:.2f}% after {step} steps"
         )
     final = output_dir / "final"
-    export(final, knn_end)
+    export_teacher(accelerator, unwrapped.teacher, final, args, recipe, knn_end)
     if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import HfApi
 
@@ -1200,11 +1235,11 @@ def main(argv=None):
     accelerator.end_training()
     return {
         "step": step,
-        "loss": loss_value,
+        "loss": loss,
         "knn_start": knn_start,
         "knn_end": knn_end,
         "num_examples": num_examples,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": schedule.steps_per_epoch,
         "final_dir": str(final),
     }
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: train_extrema and the model
 
-from train_extrema import (  # noqa: E402
+from train_extrema import (  # noqa: E402  (after the path insertion)
     IMAGENET_MEAN,
     IMAGENET_STD,
     UsageError,
@@ -43,6 +43,17 @@ def add_eval_args(parser, batch_size: int = 256):
     parser.add_argument("--seed", type=int, default=0)
     add_data_args(parser)
     return parser
+
+
+def add_image_args(parser):
+    """Flags of the analyses that look at one image."""
+    parser.add_argument("--image", help="an image file (default: an image of the dataset, see --image_index)")
+    parser.add_argument("--image_index", type=int, default=0, help="which image of --train_split to use")
+    parser.add_argument("--panel_size", type=int, default=224, help="side of every picture in the PNG, in pixels")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: any saved ExtreMA as a backbone, or as a classifier around it
 
 
 def load_extrema(name_or_path: str, **kwargs):
@@ -89,6 +100,24 @@ def build_classifier(backbone, num_labels: int, pooling: str, **config_overrides
     return model
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Data: labelled splits through train_extrema's streaming code, and accuracy on them
+
+
+def resolve_validation_split(args) -> str:
+    """--validation_split, else the dataset's 'validation' or 'test' split."""
+    if args.validation_split:
+        return args.validation_split
+    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    splits = split_names(builder)
+    for name in ("validation", "test"):
+        if name in splits:
+            return name
+    raise UsageError(
+        f"The dataset has no 'validation' or 'test' split (it has {splits}); name one with --validation_split."
+    )
+
+
 def split_size_and_classes(args, split: str, max_samples: int | None = None) -> tuple[int, int]:
     """(number of images, number of classes) of a labelled split, capped at `max_samples` images.
 
@@ -106,33 +135,6 @@ def split_size_and_classes(args, split: str, max_samples: int | None = None) -> 
         labels = [row["label"] for row in (raw.take(max_samples) if max_samples else raw)]
         size, num_classes = len(labels), num_classes or max(labels) + 1
     return (min(size, max_samples) if max_samples else size), num_classes
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator) -> dict:
-    """Top-1 / top-5 accuracy in % over the whole loader (all processes)."""
-    model.eval()
-    correct1 = correct5 = total = 0
-    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not accelerator.is_main_process):
-        logits = model(batch["pixel_values"]).logits
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-        top5, labels = accelerator.gather_for_metrics((top5, batch["label"]))
-        correct1 += (top5[:, 0] == labels).sum().item()
-        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
-        total += labels.shape[0]
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_eval": total}
-
-
-def resolve_validation_split(args) -> str:
-    """--validation_split, else the dataset's 'validation' or 'test' split."""
-    if args.validation_split:
-        return args.validation_split
-    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
-    splits = split_names(builder)
-    for name in ("validation", "test"):
-        if name in splits:
-            return name
-    raise UsageError(f"The dataset has no 'validation' or 'test' split (it has {splits}); name one with --validation_split.")
 
 
 def image_stream(args, split: str, max_samples: int | None = None, require_labels: bool = False):
@@ -180,27 +182,37 @@ def labelled_loader(args, split, transform, max_samples=None, shuffle=False, bat
     )
 
 
-def load_image(args, split: str | None = None):
-    """One RGB PIL image: the file --image, else image number --image_index of the dataset split."""
+def load_image(args):
+    """One RGB PIL image: the file --image, else image number --image_index of --train_split."""
     import PIL.Image
 
     if args.image:
         return PIL.Image.open(args.image).convert("RGB")
-    split = split or args.train_split
-    row = next(iter(image_stream(args, split).skip(args.image_index).take(1)), None)
+    row = next(iter(image_stream(args, args.train_split).skip(args.image_index).take(1)), None)
     if row is None:
-        raise UsageError(f"The split {split!r} has fewer than {args.image_index + 1} images; lower --image_index.")
+        raise UsageError(
+            f"The split {args.train_split!r} has fewer than {args.image_index + 1} images; lower --image_index."
+        )
     return row["image"]
 
 
-def add_image_args(parser):
-    parser.add_argument("--image", help="an image file (default: an image of the dataset, see --image_index)")
-    parser.add_argument("--image_index", type=int, default=0, help="which image of --train_split to use")
-    parser.add_argument("--panel_size", type=int, default=224, help="side of every picture in the PNG, in pixels")
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> dict:
+    """Top-1 / top-5 accuracy in % over the whole loader (all processes)."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not accelerator.is_main_process):
+        logits = model(batch["pixel_values"]).logits
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        top5, labels = accelerator.gather_for_metrics((top5, batch["label"]))
+        correct1 += (top5[:, 0] == labels).sum().item()
+        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        total += labels.shape[0]
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_eval": total}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pictures: normalised tensors back to [0, 1], heat maps, grids
+# Pictures: normalised tensors back to [0, 1], heat maps, boxes, grids
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -264,16 +276,17 @@ def save_grid(panels: list[torch.Tensor], path, ncols: int) -> tuple[int, int]:
     return grid.shape[2], grid.shape[1]
 
 
-COLORS = [(1.0, 0.1, 0.1), (0.1, 0.8, 0.1), (0.2, 0.4, 1.0), (1.0, 0.8, 0.0), (0.9, 0.1, 0.9), (0.0, 0.9, 0.9)]
+COLORS = [(1.0, 0.1, 0.1), (0.1, 0.8, 0.1), (0.2, 0.4, 1.0), (0.9, 0.1, 0.9), (0.0, 0.9, 0.9), (1.0, 0.5, 0.0)]
 
 
 def write_results(output_dir, results: dict) -> Path:
-    """<output_dir>/results.json, also printed."""
+    """Write <output_dir>/results.json and print it, leaving long lists (maps, rankings) out of the print."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "results.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print(json.dumps({key: value for key, value in results.items() if len(json.dumps(value)) <= 200}, indent=2))
+    print(f"All results: {path}")
     return path
 
 

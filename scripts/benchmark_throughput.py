@@ -38,7 +38,6 @@ layout of `datasets` image datasets, e.g. ../shared/data/imagenet-sample) and ap
 import argparse
 import ctypes
 import gc
-import io
 import math
 import os
 import platform
@@ -170,13 +169,14 @@ class Run:
         if isinstance(self.model, ExtremaForPreTraining):
             self.model.update_teacher(self.momentum)
 
-    def timed_step(self) -> float:
+    def time_steps(self, steps: int):
+        """Run `steps` steps; record the mean seconds per step (one device sync at the end, not per step)."""
         synchronize(self.device)
         start = time.perf_counter()
-        self.step()
+        for _ in range(steps):
+            self.step()
         synchronize(self.device)
-        self.times.append(time.perf_counter() - start)
-        return self.times[-1]
+        self.times.append((time.perf_counter() - start) / steps)
 
 
 def synchronize(device: torch.device):
@@ -316,10 +316,10 @@ def benchmark_model(args):
     )
     print(f"each step: forward, backward, AdamW step (+ EMA teacher update for ExtreMA); {args.warmup} warm-up steps")
 
-    for _ in range(args.rounds):  # interleaved: one step of every configuration per round
+    for _ in range(args.rounds):  # interleaved: every configuration takes its steps in every round
         for run in runs:
-            run.timed_step()
-    print(f"load average after {args.rounds} rounds: {load_average()}")
+            run.time_steps(args.steps_per_round)
+    print(f"load average after {args.rounds} rounds of {args.steps_per_round} step(s): {load_average()}")
 
     peak = peak_tflops(args, device)
     reference = next((r for r in runs if r.name.startswith("ViTMAE") and r.precision == "float32"), None)
@@ -352,58 +352,69 @@ def benchmark_model(args):
 
 # ---------------------------------------------------------------------------------------------------- data pipeline
 def benchmark_data(args):
-    try:
-        from train_extrema import build_train_transform
+    try:  # the training script's own decoding and augmentation, so that the numbers are the training pipeline's
+        from train_extrema import build_train_transform, decode_image
     except ImportError as error:
-        raise SystemExit(f"The data mode needs build_train_transform from train_extrema.py ({error}).")
+        raise SystemExit(f"The data mode needs train_extrema.py and its dependencies (datasets): {error}")
     import pyarrow.parquet as pq
-    from PIL import Image
 
-    data_dir = Path(args.data_dir or os.environ.get("EXTREMA_IMAGENET_SAMPLE_DIR", REPO_ROOT.parent / "shared/data/imagenet-sample"))
+    default_dir = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
+    data_dir = Path(args.data_dir or os.environ.get("EXTREMA_IMAGENET_SAMPLE_DIR", default_dir))
     files = sorted(data_dir.glob("*.parquet"))
     if not files:
         raise SystemExit(f"No Parquet files in {data_dir}; pass --data-dir or set EXTREMA_IMAGENET_SAMPLE_DIR.")
-    jpegs = [row["bytes"] for f in files for row in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
+    jpegs = [cell["bytes"] for f in files for cell in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
     jpegs = jpegs[: args.num_images]
     transform = build_train_transform(args.augmentation, args.image_size)
-    print(f"{len(jpegs)} JPEGs from {data_dir}; augmentation {args.augmentation!r}, {args.image_size} px")
+    print(f"{len(jpegs)} JPEGs from {data_dir} (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB)")
+    print(f"train_extrema.build_train_transform({args.augmentation!r}, {args.image_size}), one thread per worker")
     print(f"load average before: {load_average()}")
 
-    def decode(data: bytes):
-        return Image.open(io.BytesIO(data)).convert("RGB")
+    stages = {"decode (PIL, to RGB)": decode_image}
+    if transform.student is not None:  # the CPU's share if the per-view colour augmentation moves to the GPU
+        stages["decode + shared crop/flip"] = lambda data: transform.shared(decode_image(data))
+    stages["decode + both views (training)"] = lambda data: transform(decode_image(data))
 
-    torch.set_num_threads(1)  # a DataLoader worker runs with one thread
-    for _ in range(min(20, len(jpegs))):  # warm-up (lazy imports, caches)
-        transform(decode(jpegs[0]))
-    for label, fn in (("decode only", decode), ("decode + transform", lambda b: transform(decode(b)))):
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    for data in jpegs[:20]:  # warm-up: lazy imports and caches
+        transform(decode_image(data))
+    rates = {}
+    for label, stage in stages.items():
         start = time.perf_counter()
         for data in jpegs:
-            fn(data)
-        rate = len(jpegs) / (time.perf_counter() - start)
-        print(f"one worker, {label}: {rate:.0f} images/s")
-    per_worker = rate
+            stage(data)
+        rates[label] = len(jpegs) / (time.perf_counter() - start)
+        print(f"one worker, {label}: {rates[label]:.0f} images/s")
 
-    class JpegDataset(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(jpegs)
-
-        def __getitem__(self, i):
-            return transform(decode(jpegs[i]))
-
+    dataset = JpegPairs(jpegs, transform)
     for workers in args.workers:
-        loader = torch.utils.data.DataLoader(JpegDataset(), batch_size=32, num_workers=workers, shuffle=True)
-        iterator = iter(loader)
-        next(iterator)  # worker start-up is not part of the rate
+        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers, shuffle=True)
+        batches = iter(loader)
+        next(batches)  # worker start-up is not part of the rate
         start, count = time.perf_counter(), 0
-        for batch in iterator:
-            count += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        for student, _teacher in batches:
+            count += len(student)
         rate = count / (time.perf_counter() - start)
         print(f"DataLoader, {workers} worker(s), batch 32: {rate:.0f} images/s ({rate / max(workers, 1):.0f} per worker)")
     print(f"load average after: {load_average()}")
-    print(
-        f"8 GPUs at ~20,000 images/s need ~{math.ceil(20000 / per_worker)} such worker cores "
-        f"(~{math.ceil(20000 / per_worker / 8)} per GPU)"
-    )
+    for label, rate in list(rates.items())[1:]:
+        cores = math.ceil(20000 / rate)
+        print(f"8 GPUs at ~20,000 images/s with '{label}' on the CPU: ~{cores} worker cores ({math.ceil(cores / 8)} per GPU)")
+
+
+class JpegPairs(torch.utils.data.Dataset):
+    """JPEG bytes -> (student view, teacher view), decoded and augmented as the training stream does."""
+
+    def __init__(self, jpegs: list[bytes], transform):
+        self.jpegs, self.transform = jpegs, transform
+
+    def __len__(self):
+        return len(self.jpegs)
+
+    def __getitem__(self, index):
+        from train_extrema import decode_image
+
+        return self.transform(decode_image(self.jpegs[index]))
 
 
 def main(argv=None):
@@ -421,13 +432,14 @@ def main(argv=None):
     parser.add_argument("--attn-implementation", nargs="+", default=None, choices=("sdpa", "eager"),
                         help="ExtreMA attention kernels to time (default: eager on CPU, sdpa on CUDA); the peer uses sdpa")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
-    parser.add_argument("--rounds", type=int, default=6, help="timed steps per configuration, interleaved")
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds; each runs every configuration in turn")
+    parser.add_argument("--steps-per-round", type=int, default=1, help="steps per configuration and round")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--data-dir", default=None, help="Parquet image dataset (data mode)")
-    parser.add_argument("--augmentation", default="extrema", help="build_train_transform's augmentation (data mode)")
+    parser.add_argument("--augmentation", default="shared_crop_color", help="train_extrema augmentation (data mode)")
     parser.add_argument("--num-images", type=int, default=1000, help="JPEGs to decode (data mode)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts (data mode)")
     args = parser.parse_args(argv)

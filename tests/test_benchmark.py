@@ -8,6 +8,7 @@ Eager attention is used because the counter does not see inside the CPU sdpa ker
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,3 +57,30 @@ def test_vitmae_flops_match_flop_counter():
     model = ViTMAEForPreTraining(config).train()
     counted = counted_training_flops(model, 2, pixel_values=torch.randn(2, 3, 32, 32))
     assert sum(vitmae_flops(config).values()) == counted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by scripts/gpu_check.sh)")
+def test_cuda_training_step_never_waits_for_the_gpu():
+    # The whole step (masking, forward, backward, fused AdamW, EMA) only queues GPU work: a host sync in it would
+    # stall the pipeline every step. set_sync_debug_mode("error") raises on any synchronising call.
+    config = ExtremaConfig.from_preset("tiny", mask_ratio=0.75, num_masks=2)
+    model = ExtremaForPreTraining(config).cuda().train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+    pixels = torch.randn(4, 3, config.image_size, config.image_size, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(pixels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_teacher(0.99)
+        return loss
+
+    step()  # first calls initialise cuBLAS / optimizer state, which may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One short GPU session (~5 minutes on one H100): the environment, the GPU tests, and the training throughput of
+# ExtreMA ViT-B/16 (224 px, ratio 0.8 x 5 and x 1 masks, bf16 autocast) against ViTMAEForPreTraining, with MFU.
+#
+#   bash scripts/gpu_check.sh            # from anywhere; needs torch, transformers (and accelerate for the tests)
+#
+# `datasets` may be absent: only tests and benchmark modes that import train_extrema need it, and they are skipped.
+# Every step has its own time limit, so that one hang cannot eat the session; the exit status is 1 if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BATCH=${BATCH:-256}  # per GPU: the paper's 2048 over 8 V100s
+status=0
+
+run() {  # run LIMIT_SECONDS command...: print it, time-limit it, remember a failure
+  local limit=$1
+  shift
+  echo
+  echo "=== $* (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local code=$?
+  echo "--- exit $code after $((SECONDS - start))s"
+  [ "$code" -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
+python - <<'PY'
+import importlib.util, torch, transformers
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+      f"{torch.cuda.get_device_name()}, bf16 {torch.cuda.is_bf16_supported()}, "
+      f"datasets {'present' if importlib.util.find_spec('datasets') else 'absent'}")
+PY
+
+# GPU tests: every test whose name says cuda or gpu (they skip themselves without a GPU). Modules that cannot be
+# imported here (e.g. without `datasets`) are reported and skipped instead of stopping the run.
+run 120 python -m pytest tests -q -rs -k "cuda or gpu" --continue-on-collection-errors -p no:cacheprovider
+
+BENCH=(python scripts/benchmark_throughput.py --model vit-base-patch16 --batch-size "$BATCH" --precision bfloat16
+       --peer-precision bfloat16 --warmup 5 --rounds 8 --steps-per-round 3)
+run 150 "${BENCH[@]}" --num-masks 5
+run 100 "${BENCH[@]}" --num-masks 1
+# torch.compile last: the slowest step, and the numbers above do not depend on it
+run 200 "${BENCH[@]}" --num-masks 5 --peer-precision none --compile --warmup 3 --rounds 5
+
+echo
+[ "$status" -eq 0 ] && echo "gpu_check: all steps passed" || echo "gpu_check: some steps FAILED (see '--- exit')"
+exit "$status"
