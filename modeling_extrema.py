@@ -173,9 +173,9 @@ def check_ids_keep(ids_keep: torch.Tensor, batch_size: int, num_patches: int) ->
             f"got {tuple(ids_keep.shape)}."
         )
     # The range check reads the indices back to the host: free on the CPU, but on a GPU it would stall the device
-    # every step (and break torch.compile graphs); there, an out-of-range index fails in the gather instead.
-    on_cpu = ids_keep.device.type == "cpu"
-    if on_cpu and ids_keep.numel() and (int(ids_keep.min()) < 0 or int(ids_keep.max()) >= num_patches):
+    # every step, and it would break torch.compile graphs; there, an out-of-range index fails in the gather instead.
+    check_range = ids_keep.device.type == "cpu" and not torch.compiler.is_compiling()
+    if check_range and ids_keep.numel() and (int(ids_keep.min()) < 0 or int(ids_keep.max()) >= num_patches):
         raise ValueError(
             f"ids_keep indexes patches in [{int(ids_keep.min())}, {int(ids_keep.max())}] but the image has "
             f"{num_patches} patches (valid indices 0..{num_patches - 1}, row-major)."

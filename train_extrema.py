@@ -1021,6 +1021,10 @@ def make_accelerator(args) -> Accelerator:
     )
     for noisy in ("datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and slow every step down
+        cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, cores - args.num_workers))
     return accelerator
 
 

@@ -310,11 +310,13 @@ def benchmark_model(args):
         f"{args.num_masks} masks ({config.num_visible_patches} of {config.num_patches} patches visible per mask)"
         f"{', torch.compile' if args.compile else ''}"
     )
-    print(
-        f"peer ViTMAEForPreTraining: encoder {peer_config.hidden_size} x {peer_config.num_hidden_layers}, mask ratio "
-        f"{peer_config.mask_ratio}, decoder {peer_config.decoder_hidden_size} x {peer_config.decoder_num_hidden_layers}"
-    )
-    print(f"each step: forward, backward, AdamW step (+ EMA teacher update for ExtreMA); {args.warmup} warm-up steps")
+    if args.peer_precision:
+        print(
+            f"peer ViTMAEForPreTraining: encoder {peer_config.hidden_size} x {peer_config.num_hidden_layers}, mask "
+            f"ratio {peer_config.mask_ratio}, decoder {peer_config.decoder_hidden_size} x "
+            f"{peer_config.decoder_num_hidden_layers}, sdpa attention"
+        )
+    print(f"each step: forward, backward, fused AdamW step (+ EMA teacher update for ExtreMA); warm-up {args.warmup}")
 
     for _ in range(args.rounds):  # interleaved: every configuration takes its steps in every round
         for run in runs:

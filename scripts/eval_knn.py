@@ -44,6 +44,7 @@ def cached_features(backbone, args, split, max_samples, device):
     # what the cached features depend on; a file made from anything else is recomputed
     key = {
         "model": str(args.model_name_or_path),
+        "weights": f"{sum(p.double().sum().item() for p in backbone.parameters()):.12e}",  # a retrained model differs
         "data": str(args.dataset_name or args.train_dir or "fashion-mnist"),
         "config": str(args.dataset_config),
         "split": split,

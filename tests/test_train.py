@@ -333,7 +333,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
                str(REPO / "train_extrema.py"), *common, "--output_dir", str(tmp_path / "two")]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 processes x batch 4" in result.stderr
+    assert "(2 processes x 4 x 1 accumulation)" in result.stderr
     assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"), atol=1e-5)
     single_config = json.loads((tmp_path / "one" / "final" / "config.json").read_text())
     assert single_config["model_type"] == "extrema" and single["step"] == 3
