@@ -57,6 +57,7 @@ def parse_args(argv=None):
     group.add_argument("--num_masks", type=int, default=2)
     group.add_argument("--augmentation", default="shared_crop_color")
     group.add_argument("--ema_momentum", type=float, default=0.99)
+    group.add_argument("--loss", choices=("byol", "infonce"), default="byol")
     group = parser.add_argument_group("ViTMAE decoder (the encoder copies ExtreMA's)")
     group.add_argument("--mae_decoder_layers", type=int, default=2)
     group.add_argument("--mae_decoder_hidden_size", type=int, default=128)
@@ -82,6 +83,7 @@ def pretrain_extrema(args, warmup_steps: int) -> tuple[Path, float]:
         "--num_masks", str(args.num_masks),
         "--augmentation", args.augmentation,
         "--ema_momentum", str(args.ema_momentum),
+        "--loss", args.loss,
         "--drop_path_rate", "0",
         "--mixed_precision", "no",
         "--skip_knn",
@@ -221,6 +223,26 @@ def main(argv=None):
         "data": args.dataset_name or args.train_dir,
         "gallery": f"first {len(gallery.dataset)} images of {args.train_split}",
         "queries": f"first {len(queries.dataset)} images of {validation_split}",
+        "pretraining": {
+            "steps": args.max_train_steps,
+            "batch_size": args.batch_size,
+            "peak_lr": args.learning_rate * args.batch_size / 256,
+            "warmup_steps": warmup_steps,
+            "extrema": {
+                "config": args.model_config,
+                "loss": args.loss,
+                "masking": f"{args.mask_ratio} x {args.num_masks}",
+                "augmentation": args.augmentation,
+                "ema_momentum": args.ema_momentum,
+            },
+            "vitmae": {
+                "mask_ratio": 0.75,
+                "norm_pix_loss": True,
+                "decoder": f"{args.mae_decoder_layers} layers x {args.mae_decoder_hidden_size}",
+                "optimizer": "AdamW (0.9, 0.95), weight decay 0.05",
+                "augmentation": "random resized crop (0.2-1) + flip",
+            },
+        },
         "rows": rows,
         "table": table,
     }

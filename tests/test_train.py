@@ -15,27 +15,27 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from _train_data import png_bytes, write_image_parquet
 from safetensors.torch import load_file
 
+import train_extrema as te  # the repository root is on sys.path (conftest.py)
+from configuration_extrema import ExtremaConfig
+from modeling_extrema import ExtremaForPreTraining, ExtremaModel
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _train_data import png_bytes, write_image_parquet  # noqa: E402
-
-import train_extrema as te  # noqa: E402
-from configuration_extrema import ExtremaConfig  # noqa: E402
-from modeling_extrema import ExtremaForPreTraining, ExtremaModel  # noqa: E402
 
 # a few optimizer steps of the tiny network on 32 px images, without kNN or trackers
 FAST = ["--report_to", "none", "--skip_knn", "--per_device_train_batch_size", "8", "--drop_path_rate", "0"]
 
 
-def shared_data_dir(name, env):
-    path = Path(os.environ.get(env, REPO.parent / "shared" / "data" / name))
-    if not path.is_dir():
-        pytest.skip(f"{path} not found (set {env})")
-    return path
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models gain nothing from a second thread, and DataLoader workers need the cores (see make_accelerator)."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,9 +356,8 @@ def test_nonfinite_loss_saves_the_state_and_stops(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "final").exists()
 
 
-def test_trains_on_cifar10_with_knn_and_tensorboard(tmp_path):
-    cifar = shared_data_dir("cifar10", "EXTREMA_CIFAR10_DIR")
-    argv = ["--train_dir", str(cifar), "--max_train_steps", "2", "--per_device_train_batch_size", "8",
+def test_trains_on_cifar10_with_knn_and_tensorboard(tmp_path, cifar10_dir):
+    argv = ["--train_dir", str(cifar10_dir), "--max_train_steps", "2", "--per_device_train_batch_size", "8",
             "--num_workers", "1", "--knn_train_samples", "64", "--knn_val_samples", "32", "--knn_k", "10",
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
     result = te.main(argv)
