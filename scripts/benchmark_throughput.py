@@ -326,26 +326,29 @@ def benchmark_model(args):
     peak = peak_tflops(args, device)
     reference = next((r for r in runs if r.name.startswith("ViTMAE") and r.precision == "float32"), None)
     reference = reference or next((r for r in runs if r.name.startswith("ViTMAE")), None)
-    header = f"{'model':<15}{'precision':<10}{'attention':<10}{'img/s':>8}{'(min-max)':>14}{'ms/step':>9}{'GFLOP/img':>10}"
-    header += f"{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}"
+    header = f"{'model':<15}{'precision':<10}{'attention':<10}{'img/s':>7}{'best':>7}{'ms/step':>9}{'GFLOP/img':>10}"
+    header += f"{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>9}"
     if reference:
-        header += f"   vs {reference.name.split()[0]} {reference.precision}"
+        header += f"  {'x peer':>7}{'best':>6}"
     print("\n" + header)
     for run in runs:
-        seconds = statistics.median(run.times)
-        rates = [args.batch_size / t for t in run.times]
+        seconds, best = statistics.median(run.times), min(run.times)
         tflops = run.flops_per_image * args.batch_size / seconds / 1e12
         mfu = f"{tflops / peak:.1%}" if peak else "-"
         line = (
-            f"{run.name:<15}{run.precision:<10}{run.attn_implementation:<10}{args.batch_size / seconds:8.2f}"
-            f"{f'({min(rates):.2f}-{max(rates):.2f})':>14}{seconds * 1e3:9.0f}{run.flops_per_image / 1e9:10.1f}"
-            f"{tflops:9.3f}{mfu:>7}{run.peak_memory / 2**20:10.0f}"
+            f"{run.name:<15}{run.precision:<10}{run.attn_implementation:<10}{args.batch_size / seconds:7.2f}"
+            f"{args.batch_size / best:7.2f}{seconds * 1e3:9.0f}{run.flops_per_image / 1e9:10.1f}"
+            f"{tflops:9.3f}{mfu:>7}{run.peak_memory / 2**20:9.0f}"
         )
         if reference:
-            # per-round ratios: both steps of a round ran under the same machine load
-            ratio = statistics.median(r / t for r, t in zip(reference.times, run.times))
-            line += f"   {ratio:.2f}x"
+            # median of per-round ratios (both steps of a round ran under the same machine load), and best vs best
+            paired = statistics.median(r / t for r, t in zip(reference.times, run.times))
+            line += f"  {paired:6.2f}x{min(reference.times) / best:5.2f}x"
         print(line)
+    print("img/s, ms/step, TFLOP/s: medians over rounds; best: the fastest round; x peer: median of per-round ratios")
+    for run in runs:
+        rates = " ".join(f"{args.batch_size / t:.2f}" for t in run.times)
+        print(f"  img/s by round, {run.name} {run.precision} {run.attn_implementation}: {rates}")
     if peak:
         print(f"MFU against a dense bf16 peak of {peak:.0f} TFLOP/s")
     for name, parts in {run.name: run.flops_by_part for run in runs}.items():

@@ -12,7 +12,6 @@ similarity, votes weighted by exp(similarity / T)), the same function as the tra
 import argparse
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import save_file

@@ -4,7 +4,6 @@ Datasets: "colors" (three classes of noisy red / green / blue images, which even
 "noise" (random images with random labels: nothing to learn), "unlabelled" (images only).
 """
 
-import io
 import math
 import sys
 
@@ -207,7 +206,9 @@ def test_finetuning_learns_separable_classes(model_dir, colors_dir, tmp_path):
 
 
 def test_finetuning_with_mixup_cutmix_and_randaugment(model_dir, colors_dir, tmp_path):
-    results = eval_finetune.main(common(model_dir, colors_dir, tmp_path) + ["--batch_size", "16", "--num_train_epochs", "1"])
+    results = eval_finetune.main(
+        common(model_dir, colors_dir, tmp_path) + ["--batch_size", "16", "--num_train_epochs", "1"]
+    )
     assert results["steps"] == 3 and results["randaugment"] and results["mixup"] == 0.8
     # soft targets of three classes with label smoothing: the loss is at least the targets' entropy, far above 0
     assert 0.3 < results["final_train_loss"] < 5
@@ -268,10 +269,10 @@ def test_quality_benchmark_reports_every_method(colors_dir, tmp_path):
             "--max_train_steps", "2", "--batch_size", "8", "--k", "5"]  # fmt: skip
     results = benchmark_quality.main(args)
     rows = {row["method"].split(" (")[0]: row for row in results["rows"]}
-    assert list(rows) == ["ExtreMA", "ViTMAE", "ExtreMA untrained", "raw pixels"]
-    assert rows["ExtreMA"]["steps"] == rows["ViTMAE"]["steps"] == 2
-    assert rows["ExtreMA"]["train_wall_s"] > 0 and rows["ViTMAE"]["train_wall_s"] > 0
-    assert (tmp_path / "extrema" / "final" / "config.json").exists()
+    assert list(rows) == ["ExtreMA, byol", "ExtreMA, infonce", "ViTMAE", "ExtreMA untrained", "raw pixels"]
+    assert rows["ExtreMA, byol"]["steps"] == rows["ExtreMA, infonce"]["steps"] == rows["ViTMAE"]["steps"] == 2
+    assert all(rows[m]["train_wall_s"] > 0 for m in ("ExtreMA, byol", "ExtreMA, infonce", "ViTMAE"))
+    assert (tmp_path / "extrema-infonce" / "final" / "config.json").exists()
 
     # raw pixels, recomputed here from the images
     def pixels(split):

@@ -279,6 +279,8 @@ def test_recipes_and_defaults():
     assert te.parse_args(["--recipe", "vit-base-mask09x8-color"]).num_masks == 8
     assert te.parse_args(["--recipe", "vit-base-mask08x5"]).augmentation == "crop"
     assert te.parse_args(["--train_dir", "x"]).recipe is None
+    on_own_data = te.parse_args(["--recipe", "vit-base-mask08x5", "--train_dir", "x"])
+    assert on_own_data.dataset_name is None and on_own_data.validation_split is None and on_own_data.num_masks == 5
     with pytest.raises(SystemExit):
         te.parse_args(["--push_to_hub"])
 
