@@ -46,7 +46,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# OpenMP threads that spin while they wait steal the cores of a shared machine and stall whenever one of them is
+# descheduled: on the shared 2-core CPU this project is developed on, steps ran 2-40x slower and erratically with the
+# default policy. PASSIVE (sleep while waiting) is read once, when torch loads; OMP_WAIT_POLICY=ACTIVE overrides it.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -205,14 +211,15 @@ def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     def extrema_config(attn_implementation: str) -> ExtremaConfig:
+        overrides = {"image_size": args.image_size} if args.image_size else {}
         return ExtremaConfig.from_preset(
-            args.model, image_size=args.image_size, mask_ratio=args.mask_ratio, num_masks=args.num_masks,
-            attn_implementation=attn_implementation,
+            args.model, mask_ratio=args.mask_ratio, num_masks=args.num_masks,
+            attn_implementation=attn_implementation, **overrides,
         )
 
     config = extrema_config(args.attn_implementation[0])
     peer_config = ViTMAEConfig(
-        image_size=args.image_size,
+        image_size=config.image_size,
         patch_size=config.patch_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
@@ -222,7 +229,8 @@ def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
         attn_implementation="sdpa",
     )
     generator = torch.Generator().manual_seed(0)
-    images = [torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator) for _ in "st"]
+    shape = (args.batch_size, 3, config.image_size, config.image_size)
+    images = [torch.randn(shape, generator=generator) for _ in ("student view", "teacher view")]
     images = [x.to(device) for x in images]
 
     specs = [("ViTMAE (peer)", p, "sdpa") for p in args.peer_precision]
@@ -303,10 +311,12 @@ def benchmark_model(args):
     import transformers
 
     print(f"device: {describe_device(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
+    if device.type == "cpu":
+        print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"load average before: {load_average()}")
     runs, config, peer_config = build_runs(args, device)
     print(
-        f"ExtreMA {args.model}: {args.image_size} px, batch {args.batch_size}, mask ratio {args.mask_ratio} x "
+        f"ExtreMA {args.model}: {config.image_size} px, batch {args.batch_size}, mask ratio {args.mask_ratio} x "
         f"{args.num_masks} masks ({config.num_visible_patches} of {config.num_patches} patches visible per mask)"
         f"{', torch.compile' if args.compile else ''}"
     )
@@ -370,6 +380,7 @@ def benchmark_data(args):
         raise SystemExit(f"No Parquet files in {data_dir}; pass --data-dir or set EXTREMA_IMAGENET_SAMPLE_DIR.")
     jpegs = [cell["bytes"] for f in files for cell in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
     jpegs = jpegs[: args.num_images]
+    args.image_size = args.image_size or 224
     transform = build_train_transform(args.augmentation, args.image_size)
     print(f"{len(jpegs)} JPEGs from {data_dir} (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB)")
     print(f"train_extrema.build_train_transform({args.augmentation!r}, {args.image_size}), one thread per worker")
@@ -426,7 +437,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("model", "data"), default="model")
     parser.add_argument("--model", default="vit-small-patch16", choices=sorted(PRESETS), help="ExtreMA preset")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the preset's (224; tiny: 32)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mask-ratio", type=float, default=0.8)
     parser.add_argument("--num-masks", type=int, default=5)

@@ -318,27 +318,32 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
 
 
 def test_two_processes_train_the_same_model_as_one(tmp_path):
-    """2 gloo processes x batch 4 == 1 process x batch 8: same loss and weights.
+    """2 gloo processes x batch 4 == 1 process x batch 8: the same loss and weights.
 
     One Parquet shard cannot be split by shards, so rank r reads rows r, r + 2, ...: the union of the two ranks'
     batches is the 1-process batch, and the augmentations and masks follow each image, not the process. Equal
     weights therefore also show that the ranks saw different images (the same images twice would give another
-    gradient); `test_ranks_read_disjoint_parts_that_cover_the_data` checks the split directly.
+    gradient); `test_ranks_read_disjoint_parts_that_cover_the_data` checks the split directly. Both runs go through
+    the same launcher, on the CPU (`accelerate launch --cpu` would start one process only).
     """
     write_image_parquet(tmp_path / "data", num_images=48, num_shards=1)
-    common = FAST + ["--train_dir", str(tmp_path / "data"), "--max_train_steps", "3", "--num_workers", "0",
-                     "--shuffle_buffer_size", "0", "--learning_rate", "1e-2", "--warmup_steps", "1",
-                     "--total_batch_size", "8"]  # fmt: skip
-    single = te.main(common + ["--output_dir", str(tmp_path / "one")])
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(REPO / "train_extrema.py"), *common, "--output_dir", str(tmp_path / "two")]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "(2 processes x 4 x 1 accumulation)" in result.stderr
-    assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"), atol=1e-5)
-    single_config = json.loads((tmp_path / "one" / "final" / "config.json").read_text())
-    assert single_config["model_type"] == "extrema" and single["step"] == 3
+    argv = FAST + ["--train_dir", str(tmp_path / "data"), "--max_train_steps", "3", "--num_workers", "0",
+                   "--shuffle_buffer_size", "0", "--learning_rate", "1e-2", "--warmup_steps", "1",
+                   "--total_batch_size", "8"]  # fmt: skip
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    logs = {}
+    for processes in (1, 2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(29517 + processes), str(REPO / "train_extrema.py"), *argv,
+                   "--output_dir", str(tmp_path / f"{processes}")]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[processes] = result.stderr
+    assert "(1 processes x 8 x 1 accumulation)" in logs[1] and "(2 processes x 4 x 1 accumulation)" in logs[2]
+    assert_same_weights(weights(tmp_path / "1" / "final"), weights(tmp_path / "2" / "final"), atol=1e-5)
+    losses = [float(log.split("train/loss ")[-1].split(",")[0]) for log in logs.values()]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
 def test_nonfinite_loss_saves_the_state_and_stops(tmp_path, monkeypatch):
