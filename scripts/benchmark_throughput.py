@@ -8,8 +8,9 @@ Model mode (default): one training step is what `train_extrema.py` does per batc
 
 The peer is `ViTMAEForPreTraining` with the same encoder width and depth (mask ratio 0.75, decoder 512 x 8, the MAE
 defaults) trained with the same AdamW. All configurations are built first, warmed up, then timed in interleaved
-rounds (one step of each per round), so that a change of load on a shared machine hits all of them alike; the
-medians over rounds are reported, and the ratio to the peer is the median of the per-round ratios.
+rounds (`--steps-per-round` steps of each per round), so that a change of load on a shared machine hits all of them
+alike; the medians over rounds are reported, and the ratio to the peer is the median of the per-round ratios. On a
+CPU, run as a script, it sets OMP_WAIT_POLICY=PASSIVE unless the variable is set (see the comment below).
 
     python scripts/benchmark_throughput.py --model vit-small-patch16 --batch-size 16 --precision float32 bfloat16
     python scripts/benchmark_throughput.py --model vit-base-patch16 --batch-size 256 --precision bfloat16  # GPU
@@ -110,7 +111,9 @@ def extrema_flops(config: ExtremaConfig) -> dict[str, int]:
             tokens, hidden, mlp_hidden
         ) + config.num_class_attention_layers * class_attention_block_flops(tokens, hidden, mlp_hidden)
 
-    projector = mlp_head_flops([hidden, config.projector_hidden_size, config.projector_hidden_size, config.projection_dim])
+    projector = mlp_head_flops(
+        [hidden, config.projector_hidden_size, config.projector_hidden_size, config.projection_dim]
+    )
     predictor = mlp_head_flops([config.projection_dim, config.predictor_hidden_size, config.projection_dim])
     return {
         "teacher forward (N tokens) + projector": patch_embed + backbone(num_patches) + projector,
@@ -143,12 +146,12 @@ def vitmae_flops(config) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------- training steps
 def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW as the training script builds it: no weight decay on biases, norms and the class token."""
+    """AdamW with the groups of `train_extrema.param_groups` (not imported: that module needs `datasets`), fused."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or name.endswith("cls_token") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
 
 
@@ -213,8 +216,11 @@ def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
     def extrema_config(attn_implementation: str) -> ExtremaConfig:
         overrides = {"image_size": args.image_size} if args.image_size else {}
         return ExtremaConfig.from_preset(
-            args.model, mask_ratio=args.mask_ratio, num_masks=args.num_masks,
-            attn_implementation=attn_implementation, **overrides,
+            args.model,
+            mask_ratio=args.mask_ratio,
+            num_masks=args.num_masks,
+            attn_implementation=attn_implementation,
+            **overrides,
         )
 
     config = extrema_config(args.attn_implementation[0])
@@ -256,11 +262,10 @@ def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
             flops = vitmae_flops(peer_config)
         run = Run(name, model, precision, batch, device, sum(flops.values()), args.compile)
         run.attn_implementation, run.flops_by_part = attn_implementation, flops
-        for _ in range(args.warmup):
+        for _ in range(max(1, args.warmup)):  # the first step also allocates the AdamW state
             run.step()
         synchronize(device)
         if device.type == "cpu":
-            run.step()  # one more step after the warm-up, so that VmHWM covers a whole steady-state step
             run.peak_memory = resident_memory_kib("VmHWM") * 1024 - base
         else:
             run.peak_memory = torch.cuda.max_memory_allocated(device) - base
@@ -355,7 +360,8 @@ def benchmark_model(args):
             paired = statistics.median(r / t for r, t in zip(reference.times, run.times))
             line += f"  {paired:6.2f}x{min(reference.times) / best:5.2f}x"
         print(line)
-    print("img/s, ms/step, TFLOP/s: medians over rounds; best: the fastest round; x peer: median of per-round ratios")
+    legend = "img/s, ms/step, TFLOP/s: medians over rounds; best: the fastest round"
+    print(legend + ("; x peer: median of the per-round ratios, and best vs best" if reference else ""))
     for run in runs:
         rates = " ".join(f"{args.batch_size / t:.2f}" for t in run.times)
         print(f"  img/s by round, {run.name} {run.precision} {run.attn_implementation}: {rates}")
@@ -402,35 +408,38 @@ def benchmark_data(args):
         rates[label] = len(jpegs) / (time.perf_counter() - start)
         print(f"one worker, {label}: {rates[label]:.0f} images/s")
 
-    dataset = JpegPairs(jpegs, transform)
     for workers in args.workers:
+        # every worker makes 8 timed batches (the images repeat if needed) after its first, which includes start-up
+        dataset = JpegPairs(jpegs, transform, length=max(len(jpegs), 32 * 9 * max(workers, 1)))
         loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers, shuffle=True)
         batches = iter(loader)
-        next(batches)  # worker start-up is not part of the rate
+        for _ in range(max(workers, 1)):
+            next(batches)
         start, count = time.perf_counter(), 0
         for student, _teacher in batches:
             count += len(student)
         rate = count / (time.perf_counter() - start)
-        print(f"DataLoader, {workers} worker(s), batch 32: {rate:.0f} images/s ({rate / max(workers, 1):.0f} per worker)")
+        per_worker = rate / max(workers, 1)
+        print(f"DataLoader, {workers} worker(s), batch 32: {rate:.0f} images/s ({per_worker:.0f} per worker)")
     print(f"load average after: {load_average()}")
     for label, rate in list(rates.items())[1:]:
         cores = math.ceil(20000 / rate)
-        print(f"8 GPUs at ~20,000 images/s with '{label}' on the CPU: ~{cores} worker cores ({math.ceil(cores / 8)} per GPU)")
+        print(f"8 GPUs at ~20,000 images/s with '{label}' on the CPU: ~{cores} worker cores ({cores / 8:.0f} per GPU)")
 
 
 class JpegPairs(torch.utils.data.Dataset):
     """JPEG bytes -> (student view, teacher view), decoded and augmented as the training stream does."""
 
-    def __init__(self, jpegs: list[bytes], transform):
-        self.jpegs, self.transform = jpegs, transform
+    def __init__(self, jpegs: list[bytes], transform, length: int):
+        self.jpegs, self.transform, self.length = jpegs, transform, length
 
     def __len__(self):
-        return len(self.jpegs)
+        return self.length
 
     def __getitem__(self, index):
         from train_extrema import decode_image
 
-        return self.transform(decode_image(self.jpegs[index]))
+        return self.transform(decode_image(self.jpegs[index % len(self.jpegs)]))
 
 
 def main(argv=None):
@@ -441,12 +450,27 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mask-ratio", type=float, default=0.8)
     parser.add_argument("--num-masks", type=int, default=5)
-    parser.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"),
-                        help="ExtreMA precisions to time (bfloat16 = autocast)")
-    parser.add_argument("--peer-precision", nargs="+", default=None, choices=("float32", "bfloat16", "none"),
-                        help="ViTMAE precisions (default: float32 on CPU, bfloat16 on CUDA; none skips the peer)")
-    parser.add_argument("--attn-implementation", nargs="+", default=None, choices=("sdpa", "eager"),
-                        help="ExtreMA attention kernels to time (default: eager on CPU, sdpa on CUDA); the peer uses sdpa")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=("float32", "bfloat16"),
+        help="ExtreMA precisions to time (bfloat16 = autocast)",
+    )
+    parser.add_argument(
+        "--peer-precision",
+        nargs="+",
+        default=None,
+        choices=("float32", "bfloat16", "none"),
+        help="ViTMAE precisions (default: float32 on CPU, bfloat16 on CUDA; none skips the peer)",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        nargs="+",
+        default=None,
+        choices=("sdpa", "eager"),
+        help="ExtreMA attention kernels to time (default: eager on CPU, sdpa on CUDA); the peer uses sdpa",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds; each runs every configuration in turn")
     parser.add_argument("--steps-per-round", type=int, default=1, help="steps per configuration and round")
@@ -461,7 +485,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    benchmark_data(args) if args.mode == "data" else benchmark_model(args)
+    if args.mode == "data":
+        benchmark_data(args)
+    else:
+        benchmark_model(args)
 
 
 if __name__ == "__main__":

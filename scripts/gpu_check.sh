@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One short GPU session (~5 minutes on one H100): the environment, the GPU tests, and the training throughput of
-# ExtreMA ViT-B/16 (224 px, ratio 0.8 x 5 and x 1 masks, bf16 autocast) against ViTMAEForPreTraining, with MFU.
+# One short GPU session (~5 minutes on one H100; at most 9 if every time limit is hit): the environment, the GPU
+# tests, and the training throughput of ExtreMA ViT-B/16 (224 px, ratio 0.8 x 5 and x 1 masks, bf16 autocast)
+# against ViTMAEForPreTraining, with MFU; then the data pipeline if the JPEGs and `datasets` are there.
 #
 #   bash scripts/gpu_check.sh            # from anywhere; needs torch, transformers (and accelerate for the tests)
+#   MODEL=tiny BATCH=8 bash scripts/gpu_check.sh   # a quick dry run of the script itself, e.g. on a CPU
 #
 # `datasets` may be absent: only tests and benchmark modes that import train_extrema need it, and they are skipped.
 # Every step has its own time limit, so that one hang cannot eat the session; the exit status is 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODEL=${MODEL:-vit-base-patch16}
 BATCH=${BATCH:-256}  # per GPU: the paper's 2048 over 8 V100s
 status=0
 
@@ -33,14 +36,21 @@ PY
 
 # GPU tests: every test whose name says cuda or gpu (they skip themselves without a GPU). Modules that cannot be
 # imported here (e.g. without `datasets`) are reported and skipped instead of stopping the run.
-run 120 python -m pytest tests -q -rs -k "cuda or gpu" --continue-on-collection-errors -p no:cacheprovider
+run 90 python -m pytest tests -q -rs -k "cuda or gpu" --continue-on-collection-errors -p no:cacheprovider
 
-BENCH=(python scripts/benchmark_throughput.py --model vit-base-patch16 --batch-size "$BATCH" --precision bfloat16
-       --peer-precision bfloat16 --warmup 5 --rounds 8 --steps-per-round 3)
-run 150 "${BENCH[@]}" --num-masks 5
-run 100 "${BENCH[@]}" --num-masks 1
+BENCH=(python scripts/benchmark_throughput.py --model "$MODEL" --batch-size "$BATCH" --precision bfloat16)
+run 120 "${BENCH[@]}" --num-masks 5 --peer-precision bfloat16 --warmup 5 --rounds 8 --steps-per-round 3
+run 90 "${BENCH[@]}" --num-masks 1 --peer-precision bfloat16 --warmup 5 --rounds 8 --steps-per-round 3
 # torch.compile last: the slowest step, and the numbers above do not depend on it
-run 200 "${BENCH[@]}" --num-masks 5 --peer-precision none --compile --warmup 3 --rounds 5
+run 150 "${BENCH[@]}" --num-masks 5 --peer-precision none --compile --warmup 3 --rounds 5 --steps-per-round 3
+
+# Data pipeline (decode + augment per CPU worker) on real JPEGs, when they and `datasets` (train_extrema) are here
+DATA=${EXTREMA_IMAGENET_SAMPLE_DIR:-../shared/data/imagenet-sample}
+if [ -d "$DATA" ] && python -c "import datasets" 2>/dev/null; then
+  run 90 python scripts/benchmark_throughput.py --mode data --data-dir "$DATA" --num-images 500 --workers 1 4 8 12
+else
+  echo; echo "=== data pipeline skipped: no $DATA (set EXTREMA_IMAGENET_SAMPLE_DIR) or no datasets"
+fi
 
 echo
 [ "$status" -eq 0 ] && echo "gpu_check: all steps passed" || echo "gpu_check: some steps FAILED (see '--- exit')"

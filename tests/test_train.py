@@ -331,7 +331,9 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
                    "--shuffle_buffer_size", "0", "--learning_rate", "1e-2", "--warmup_steps", "1",
                    "--total_batch_size", "8"]  # fmt: skip
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    # gloo picks its network interface from the host name, which fails on some machines: use the loopback
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath,
+           "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
     logs = {}
     for processes in (1, 2):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
