@@ -37,6 +37,7 @@ def add_eval_args(parser, batch_size: int = 256):
         "--model_name_or_path", required=True, help="an ExtreMA folder (e.g. <train output_dir>/final) or Hub id"
     )
     parser.add_argument("--output_dir", required=True, help="results.json (and PNGs) are written here")
+    # with DataLoader workers, "the first N" are the first N / workers of each worker's shards: a fixed subset
     parser.add_argument("--max_train_samples", type=int, help="use only the first N images of the training split")
     parser.add_argument("--max_eval_samples", type=int, help="use only the first N images of the evaluation split")
     parser.add_argument("--batch_size", type=int, default=batch_size, help="per-device batch size")

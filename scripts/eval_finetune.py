@@ -1,6 +1,6 @@
 """End-to-end fine-tuning of an ExtreMA backbone for image classification (the paper's Table 13, BEiT / MAE recipe).
 
-    python scripts/eval_finetune.py --model_name_or_path extrema-output/final --train_dir ../shared/data/cifar10 \
+    python scripts/eval_finetune.py --model_name_or_path extrema-output/final --dataset_name uoft-cs/cifar10 \
         --output_dir eval/finetune --num_train_epochs 100 --batch_size 128
 
 `ExtremaForImageClassification` with classifier_pooling="mean": LayerNorm + Linear on the mean of the patch tokens

@@ -1,6 +1,6 @@
 """Weighted k-NN accuracy of an ExtreMA backbone's instance representation (Wu et al. 2018; the paper's appendix D).
 
-    python scripts/eval_knn.py --model_name_or_path extrema-output/final --train_dir ../shared/data/cifar10 \
+    python scripts/eval_knn.py --model_name_or_path extrema-output/final --dataset_name uoft-cs/cifar10 \
         --output_dir eval/knn
 
 The gallery is the training split, the queries the validation split. The instance representation (`pooler_output`,

@@ -1,6 +1,6 @@
 """Linear probe of an ExtreMA backbone's instance representation (the paper's Table 14, MAE's main_linprobe.py).
 
-    python scripts/eval_linear.py --model_name_or_path extrema-output/final --train_dir ../shared/data/cifar10 \
+    python scripts/eval_linear.py --model_name_or_path extrema-output/final --dataset_name uoft-cs/cifar10 \
         --output_dir eval/linear --num_train_epochs 90 --batch_size 256
 
 The backbone is frozen; a non-affine BatchNorm then a linear layer are trained on its class token

@@ -1,7 +1,7 @@
 """Invert the distributed representation of a masked image into pixels with a deep image prior (the paper's Figure 2).
 
     python scripts/invert_representation.py --model_name_or_path extrema-output/final \
-        --train_dir ../shared/data/imagenet-sample --image_index 3 --mask_ratios 0.5 0.75 0.9 --output_dir eval/invert
+        --image cat.jpg --mask_ratios 0.5 0.75 0.9 --output_dir eval/invert
 
 For each masking ratio, a random mask hides that fraction of the patches and the backbone encodes the visible patches
 only (as the student sees them in training): their output tokens are the target. A small convolutional generator

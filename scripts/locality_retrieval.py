@@ -1,7 +1,7 @@
 """Is the instance representation sensitive to where and how large a crop is? (The paper's Figure 3.)
 
     python scripts/locality_retrieval.py --model_name_or_path extrema-output/final \
-        --train_dir ../shared/data/imagenet-sample --image_index 3 --output_dir eval/locality
+        --image cat.jpg --output_dir eval/locality
 
 A gallery of 25 square boxes (5 scales x 5 random locations) is cut from one image and every crop is resized to the
 model's input size. A query crop is ranked against the gallery by cosine similarity of the instance representations

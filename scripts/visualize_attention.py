@@ -1,7 +1,7 @@
 """Attention maps of an ExtreMA backbone (the paper's Figures 1 and 9).
 
     python scripts/visualize_attention.py --model_name_or_path extrema-output/final \
-        --train_dir ../shared/data/imagenet-sample --image_index 3 --output_dir eval/attention
+        --image cat.jpg --output_dir eval/attention
 
 For a few query patches, the attention that each query pays to every patch in the LAST self-attention layer,
 averaged over heads, and the attention of the class token in the last class-attention block (over the patches). They

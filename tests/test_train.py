@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import PIL.Image
 import pytest
@@ -85,6 +86,20 @@ def test_schedules():
     assert te.get_momentum(0, 100, 0.996) == pytest.approx(0.996)
     assert te.get_momentum(50, 100, 0.996) == pytest.approx(0.998)
     assert te.get_momentum(100, 100, 0.996) == pytest.approx(1.0)
+
+
+def test_plan_schedule_counts_epochs_in_steps():
+    args = te.parse_args(["--train_dir", "x", "--total_batch_size", "2048", "--gradient_accumulation_steps", "2"])
+    schedule = te.plan_schedule(args, num_examples=1_281_167, world_size=8)
+    assert (schedule.per_device_batch, schedule.total_batch) == (128, 2048)
+    assert schedule.peak_lr == pytest.approx(1.5e-4 * 8)  # base lr x 2048 / 256
+    assert schedule.steps_per_epoch == 625 and schedule.total_steps == 300 * 625 and schedule.warmup_steps == 40 * 625
+    with pytest.raises(te.UsageError, match="not divisible"):
+        te.plan_schedule(args, num_examples=1000, world_size=3)
+    with pytest.raises(te.UsageError, match="--steps_per_epoch"):
+        te.plan_schedule(te.parse_args(["--train_dir", "x"]), num_examples=None, world_size=1)
+    fixed = te.parse_args(["--train_dir", "x", "--steps_per_epoch", "7", "--num_train_epochs", "2"])
+    assert te.plan_schedule(fixed, num_examples=None, world_size=1).total_steps == 14
 
 
 def test_weight_decay_only_on_weight_matrices_of_the_student():
@@ -302,8 +317,9 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
                      "--shuffle_buffer_size", "16", "--learning_rate", "1e-2", "--warmup_steps", "2",
                      "--drop_path_rate", "0.1", "--checkpointing_steps", "3"]  # fmt: skip
     # 43 decodable images / batch 8 = 5 steps per epoch: the runs cross an epoch boundary
-    one_go = te.main(common + ["--output_dir", str(tmp_path / "one_go")])
+    one_go = te.main(common + ["--output_dir", str(tmp_path / "one_go"), "--export_every", "3"])
     assert one_go["steps_per_epoch"] == 5
+    assert (tmp_path / "one_go" / "export-step-3" / "model.safetensors").exists()
     killed = tmp_path / "killed"
     assert te.main(common + ["--output_dir", str(killed), "--stop_after_steps", "4"]) is None
     assert [p.name for p in te.list_checkpoints(killed)] == ["checkpoint-3"] and not (killed / "final").exists()
@@ -365,16 +381,29 @@ def test_nonfinite_loss_saves_the_state_and_stops(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "final").exists()
 
 
-def test_trains_on_cifar10_with_knn_and_tensorboard(tmp_path, cifar10_dir):
+def test_trains_on_cifar10_with_knn_tensorboard_and_upload(tmp_path, cifar10_dir, monkeypatch):
+    uploads = []
+
+    class FakeHub:  # records what --push_to_hub would send
+        def create_repo(self, repo_id, **kwargs):
+            uploads.append(("create", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     argv = ["--train_dir", str(cifar10_dir), "--max_train_steps", "2", "--per_device_train_batch_size", "8",
             "--num_workers", "1", "--knn_train_samples", "64", "--knn_val_samples", "32", "--knn_k", "10",
-            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+            "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "me/extrema-cifar"]  # fmt: skip
     result = te.main(argv)
     assert result["num_examples"] == 50_000 and result["steps_per_epoch"] == 50_000 // 8
     assert 0 <= result["knn_start"]["top1"] <= 100 and result["knn_end"]["top5"] >= result["knn_end"]["top1"]
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
     card = (tmp_path / "out" / "final" / "README.md").read_text()
     assert "kNN" in card and f"{result['knn_end']['top1']:.2f}%" in card
+    assert 'from_pretrained("me/extrema-cifar"' in card
+    assert uploads[0] == ("create", "me/extrema-cifar") and uploads[1][:2] == ("upload", "me/extrema-cifar")
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(uploads[1][2])
 
 
 # ---------------------------------------------------------------------------------------------------------------
