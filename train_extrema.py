@@ -403,14 +403,15 @@ def example_seed(seed: int, epoch: int, image) -> int:
 class StreamPosition:
     """Where one rank is in its training stream: everything needed to continue it exactly.
 
-    `batches` counts the micro-batches consumed in `epoch`; `rows` the raw rows (decodable or not) each DataLoader
-    worker had read for the batches consumed so far, keyed by worker id.
+    `batches` counts the micro-batches consumed in `epoch`; `rows` the raw rows (decodable or not) each of the
+    `num_workers` DataLoader workers had read for the batches consumed so far, keyed by worker id.
     """
 
     epoch: int = 0
     batches: int = 0
     rows: dict = field(default_factory=dict)
     skipped_images: dict = field(default_factory=dict)
+    num_workers: int | None = None
 
     def to_json(self) -> dict:
         return {**asdict(self), "rows": {str(k): v for k, v in self.rows.items()}}
@@ -422,6 +423,7 @@ class StreamPosition:
             batches=state["batches"],
             rows={int(k): v for k, v in state["rows"].items()},
             skipped_images={int(k): v for k, v in state.get("skipped_images", {}).items()},
+            num_workers=state.get("num_workers"),
         )
 
 
@@ -487,6 +489,12 @@ def training_batches(dataset, transform, args, noise_shape, position: StreamPosi
     """Micro-batches of one epoch (`position.epoch`) on this rank, from `position` on; updates `position` in place."""
     dataset.set_epoch(position.epoch)  # a new shard order and shuffle every epoch, the same on every rank
     num_workers = min(args.num_workers, dataset.num_shards)
+    if position.batches and position.num_workers != num_workers:
+        raise UsageError(
+            f"The checkpoint's stream was read by {position.num_workers} DataLoader workers, this run has "
+            f"{num_workers}: resume with --num_workers {position.num_workers} to continue it exactly."
+        )
+    position.num_workers = num_workers
     stream = TrainingStream(dataset, transform, args.seed, noise_shape, skip_rows=dict(position.rows))
     loader = torch.utils.data.DataLoader(
         stream,

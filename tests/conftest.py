@@ -8,8 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Spinning OpenMP threads make CPU runs erratic (2-40x slower) on a machine shared with other jobs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))

@@ -275,6 +275,8 @@ def test_training_stream_resumes_exactly(tmp_path, num_workers):
         for a, b in zip(reference[consumed:], resumed):
             for key in ("pixel_values", "pixel_values_teacher", "noise"):
                 assert torch.equal(a[key], b[key])
+    with pytest.raises(te.UsageError, match="resume with --num_workers"):
+        take_batches(dataset, te.parse_args(["--train_dir", "x", "--num_workers", "1"]), saved, 1)
     # another epoch is another order
     other = take_batches(dataset, args, te.StreamPosition(epoch=2), 1)[0]
     assert not torch.equal(other["pixel_values"], reference[0]["pixel_values"])
