@@ -1,7 +1,7 @@
 """Pre-train ExtreMA with accelerate, streaming images through `datasets`: one CPU to many GPUs, resumable.
 
     python train_extrema.py                                      # tiny ViT on Fashion-MNIST, a few minutes on a CPU
-    python train_extrema.py --train_dir ../shared/data/cifar10   # a local folder of Parquet shards or images
+    python train_extrema.py --train_dir path/to/cifar10          # a local folder of Parquet shards or images
     accelerate launch --multi_gpu --num_processes 8 train_extrema.py --recipe vit-base-mask08x5-color
 
 References: Wu et al. 2022, "Extreme Masking for Learning Instance and Distributed Visual Representations" (sections 3
