@@ -1,7 +1,8 @@
 """Shared test setup: the repository root on sys.path, tiny configs, and the paths of the shared test data.
 
-The shared data (golden vectors, CIFAR-10, the ImageNet sample) is read from environment variables, defaulting to
-the `../shared` folder beside the repository; tests that need it skip with a message when it is absent.
+The shared data (golden vectors, CIFAR-10, the ImageNet sample) is read from environment variables (one per item, or
+EXTREMA_SHARED_DIR for the folder holding all of them), defaulting to the `../shared` folder beside the repository;
+tests that need it skip with a message when it is absent.
 """
 
 import os
@@ -16,7 +17,7 @@ import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-SHARED = REPO_ROOT.parent / "shared"
+SHARED = Path(os.environ.get("EXTREMA_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
