@@ -599,7 +599,8 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _collate_eval(rows):
+def collate_eval(rows):
+    """Rows of {pixel_values, label} to a batch; -1 stands for a missing label."""
     return {
         "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
         "label": torch.tensor([r.get("label", -1) for r in rows]),
@@ -616,7 +617,7 @@ def eval_loader(builder, split, args, image_size: int, max_samples: int):
         ds,
         batch_size=256,
         num_workers=min(args.num_workers, ds.num_shards),
-        collate_fn=_collate_eval,
+        collate_fn=collate_eval,
         generator=torch.Generator().manual_seed(0),
     )
 

@@ -21,8 +21,8 @@ from train_extrema import (  # noqa: E402  (after the path insertion)
     IMAGENET_MEAN,
     IMAGENET_STD,
     UsageError,
-    _collate_eval,
     add_data_args,
+    collate_eval,
     count_examples,
     load_image_stream,
     load_raw_stream,
@@ -179,7 +179,7 @@ def labelled_loader(args, split, transform, max_samples=None, shuffle=False, bat
         stream,
         batch_size=batch_size or args.batch_size,
         num_workers=min(args.num_workers, stream.num_shards),
-        collate_fn=_collate_eval,
+        collate_fn=collate_eval,
     )
 
 
