@@ -14,7 +14,7 @@ CPU, run as a script, it sets OMP_WAIT_POLICY=PASSIVE unless the variable is set
 
     python scripts/benchmark_throughput.py --model vit-small-patch16 --batch-size 16 --precision float32 bfloat16
     python scripts/benchmark_throughput.py --model vit-base-patch16 --batch-size 256 --precision bfloat16  # GPU
-    python scripts/benchmark_throughput.py --mode data --augmentation <name> --workers 1 2
+    python scripts/benchmark_throughput.py --mode data --augmentation <name> --workers 1 2 [--color-on-device]
 
 FLOP counting (`extrema_flops`, `vitmae_flops`): matrix multiplications only, counted analytically as 2*m*n*k
 (linear layers, the patch-embedding convolution as a matmul over patches, and the two attention matmuls q k^T and
@@ -32,8 +32,12 @@ from before the configuration was built to the end of one step, with freed heap 
 
 Data mode: images/s of one worker (one process, one thread) decoding the JPEGs of a Parquet image dataset (the
 layout of `datasets` image datasets, e.g. ../shared/data/imagenet-sample) and applying
-`train_extrema.build_train_transform(augmentation, image_size)` to make both views, then the same through a
-`torch.utils.data.DataLoader` with each `--workers` count.
+`train_extrema.build_train_transform(augmentation, image_size)` to make both views; with the colour on the device
+(`--color_on_device` of the training script) the worker's share instead: decode, crop, flip and draw the colour
+parameters. Then the cost of that colour augmentation on the benchmark's device, `train_extrema.device_views` on a
+batch of `--color-batch-size` uint8 crops in pinned memory (copy to the device, both views' colour, normalisation),
+and images/s through a `torch.utils.data.DataLoader` with each `--workers` count, each batch made ready for the model
+on the device by `device_views` (`--color-on-device`: the workers only crop, the device colours).
 """
 
 import argparse
@@ -374,11 +378,12 @@ def benchmark_model(args):
 # ---------------------------------------------------------------------------------------------------- data pipeline
 def benchmark_data(args):
     try:  # the training script's own decoding and augmentation, so that the numbers are the training pipeline's
-        from train_extrema import build_train_transform, decode_image
+        from train_extrema import build_train_transform, decode_image, device_views
     except ImportError as error:
         raise SystemExit(f"The data mode needs train_extrema.py and its dependencies (datasets): {error}")
     import pyarrow.parquet as pq
 
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     default_dir = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
     data_dir = Path(args.data_dir or os.environ.get("EXTREMA_IMAGENET_SAMPLE_DIR", default_dir))
     files = sorted(data_dir.glob("*.parquet"))
@@ -388,6 +393,9 @@ def benchmark_data(args):
     jpegs = jpegs[: args.num_images]
     args.image_size = args.image_size or 224
     transform = build_train_transform(args.augmentation, args.image_size)
+    on_device = build_train_transform(args.augmentation, args.image_size, color_on_device=True)
+    # a view is (uint8 image, colour parameters) only for the augmentations that have a colour part
+    has_color = isinstance(on_device(decode_image(jpegs[0]))[0], tuple)
     print(f"{len(jpegs)} JPEGs from {data_dir} (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB)")
     print(f"train_extrema.build_train_transform({args.augmentation!r}, {args.image_size}), one thread per worker")
     print(f"load average before: {load_average()}")
@@ -395,8 +403,11 @@ def benchmark_data(args):
     stages = {"decode (PIL, to RGB)": decode_image}
     if transform.student is not None:  # the CPU's share if the per-view colour augmentation moves to the GPU
         stages["decode + shared crop/flip"] = lambda data: transform.shared(decode_image(data))
+    if has_color:  # a worker's share with --color_on_device
+        stages["decode + crop/flip + colour parameters"] = lambda data: on_device(decode_image(data))
     stages["decode + both views (training)"] = lambda data: transform(decode_image(data))
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     for data in jpegs[:20]:  # warm-up: lazy imports and caches
         transform(decode_image(data))
@@ -408,27 +419,63 @@ def benchmark_data(args):
         rates[label] = len(jpegs) / (time.perf_counter() - start)
         print(f"one worker, {label}: {rates[label]:.0f} images/s")
 
+    if has_color:
+        torch.set_num_threads(threads)  # the training process's threads, not a worker's
+        rate = color_on_device_rate(on_device, jpegs, args, device)
+        size = f"batch {args.color_batch_size} at {args.image_size} px"
+        print(f"device_views (copy, colour, normalise) on {describe_device(device)}, {size}: {rate:.0f} images/s")
+        torch.set_num_threads(1)
+
+    pipeline = on_device if args.color_on_device else transform
+    colour = ("colour on the device" if args.color_on_device else "colour in the workers") if has_color else "no colour"
     for workers in args.workers:
         # every worker makes 8 timed batches (the images repeat if needed) after its first, which includes start-up
-        dataset = JpegPairs(jpegs, transform, length=max(len(jpegs), 32 * 9 * max(workers, 1)))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers, shuffle=True)
+        dataset = JpegPairs(jpegs, pipeline, length=max(len(jpegs), 32 * 9 * max(workers, 1)))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=32, num_workers=workers, shuffle=True, pin_memory=device.type == "cuda"
+        )
         batches = iter(loader)
         for _ in range(max(workers, 1)):
             next(batches)
         start, count = time.perf_counter(), 0
-        for student, _teacher in batches:
-            count += len(student)
+        for batch in batches:
+            device_views(batch, device)  # as the training step gets it: copied, and coloured with --color-on-device
+            count += len(batch["pixel_values"])
+        synchronize(device)
         rate = count / (time.perf_counter() - start)
         per_worker = rate / max(workers, 1)
-        print(f"DataLoader, {workers} worker(s), batch 32: {rate:.0f} images/s ({per_worker:.0f} per worker)")
+        print(f"DataLoader, {workers} worker(s), batch 32, {colour}: {rate:.0f} images/s ({per_worker:.0f} per worker)")
     print(f"load average after: {load_average()}")
     for label, rate in list(rates.items())[1:]:
         cores = math.ceil(20000 / rate)
         print(f"8 GPUs at ~20,000 images/s with '{label}' on the CPU: ~{cores} worker cores ({cores / 8:.0f} per GPU)")
 
 
+def color_on_device_rate(on_device, jpegs: list[bytes], args, device) -> float:
+    """Images/s of `device_views` on a loader-like batch: pinned uint8 crops + colour parameters -> model inputs.
+
+    The batch is built from the JPEGs (repeated up to --color-batch-size) with the training transform, collated as
+    the DataLoader does; each timed call copies it to the device and colour-augments and normalises both views.
+    """
+    from train_extrema import decode_image, device_views, view_fields
+
+    torch.manual_seed(0)
+    samples = [view_fields(*on_device(decode_image(jpegs[i % len(jpegs)]))) for i in range(args.color_batch_size)]
+    batch = torch.utils.data.default_collate(samples)
+    if device.type == "cuda":
+        batch = {key: value.pin_memory() for key, value in batch.items()}
+    repeats = 20 if device.type == "cuda" else 2
+    device_views(batch, device)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        device_views(batch, device)
+    synchronize(device)
+    return args.color_batch_size * repeats / (time.perf_counter() - start)
+
+
 class JpegPairs(torch.utils.data.Dataset):
-    """JPEG bytes -> (student view, teacher view), decoded and augmented as the training stream does."""
+    """JPEG bytes -> a sample's image fields (`train_extrema.view_fields`), as the training stream makes them."""
 
     def __init__(self, jpegs: list[bytes], transform, length: int):
         self.jpegs, self.transform, self.length = jpegs, transform, length
@@ -437,9 +484,9 @@ class JpegPairs(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index):
-        from train_extrema import decode_image
+        from train_extrema import decode_image, view_fields
 
-        return self.transform(decode_image(self.jpegs[index % len(self.jpegs)]))
+        return view_fields(*self.transform(decode_image(self.jpegs[index % len(self.jpegs)])))
 
 
 def main(argv=None):
@@ -482,6 +529,14 @@ def main(argv=None):
     parser.add_argument("--augmentation", default="shared_crop_color", help="train_extrema augmentation (data mode)")
     parser.add_argument("--num-images", type=int, default=1000, help="JPEGs to decode (data mode)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts (data mode)")
+    parser.add_argument(
+        "--color-batch-size", type=int, default=256, help="batch of the colour-on-the-device timing (data mode)"
+    )
+    parser.add_argument(
+        "--color-on-device",
+        action="store_true",
+        help="DataLoader runs with the colour on the device, as train_extrema.py --color_on_device (data mode)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU session (~5 minutes on one H100; at most 9 if every time limit is hit): the environment, the GPU
 # tests, and the training throughput of ExtreMA ViT-B/16 (224 px, ratio 0.8 x 5 and x 1 masks, bf16 autocast)
-# against ViTMAEForPreTraining, with MFU; then the data pipeline if the JPEGs and `datasets` are there.
+# against ViTMAEForPreTraining, with MFU; then the data pipeline if the JPEGs and `datasets` are there, with the
+# colour augmentation on the GPU as `train_extrema.py --color_on_device` (the ImageNet recipes) does it.
 #
 #   bash scripts/gpu_check.sh            # from anywhere; needs torch, transformers (and accelerate for the tests)
 #   MODEL=tiny BATCH=8 bash scripts/gpu_check.sh   # a quick dry run of the script itself, e.g. on a CPU
@@ -44,10 +45,13 @@ run 90 "${BENCH[@]}" --num-masks 1 --peer-precision bfloat16 --warmup 5 --rounds
 # torch.compile last: the slowest step, and the numbers above do not depend on it
 run 150 "${BENCH[@]}" --num-masks 5 --peer-precision none --compile --warmup 3 --rounds 5 --steps-per-round 3
 
-# Data pipeline (decode + augment per CPU worker) on real JPEGs, when they and `datasets` (train_extrema) are here
+# Data pipeline on real JPEGs, when they and `datasets` (train_extrema) are here: per CPU worker with the colour in
+# the worker and with only decode + crop + flip (+ colour parameters), the colour of a batch of 256 on the GPU, and
+# DataLoader throughput with the colour on the GPU (--color-on-device)
 DATA=${EXTREMA_IMAGENET_SAMPLE_DIR:-../shared/data/imagenet-sample}
 if [ -d "$DATA" ] && python -c "import datasets" 2>/dev/null; then
-  run 90 python scripts/benchmark_throughput.py --mode data --data-dir "$DATA" --num-images 500 --workers 1 4 8 12
+  run 90 python scripts/benchmark_throughput.py --mode data --data-dir "$DATA" --num-images 500 --workers 1 4 8 12 \
+    --color-on-device
 else
   echo; echo "=== data pipeline skipped: no $DATA (set EXTREMA_IMAGENET_SAMPLE_DIR) or no datasets"
 fi

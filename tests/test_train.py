@@ -16,8 +16,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torchvision.transforms.v2.functional as F
 from _train_data import png_bytes, write_image_parquet
 from safetensors.torch import load_file
+from torchvision.transforms import v2
 
 import train_extrema as te  # the repository root is on sys.path (conftest.py)
 from configuration_extrema import ExtremaConfig
@@ -170,6 +172,117 @@ def test_train_transforms_share_or_draw_views_as_in_table_4():
         te.build_train_transform("mixup", 32)
 
 
+def reference_colors(image, params):
+    """torchvision v2's float kernels, one image at a time, with the choices in a `ColorParameters` row."""
+    ops = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
+    if params[0]:
+        for op in params[5:9].long().tolist():
+            image = ops[op](image, params[1 + op].item())
+    return F.rgb_to_grayscale(image, num_output_channels=3) if params[9] else image
+
+
+def test_adjust_colors_matches_torchvision_image_by_image():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(48, 3, 12, 12, generator=generator)
+    images[:, :, 0] = images[:, :1, 0]  # gray pixels (no hue), and black and white ones
+    images[:, :, 1, :6], images[:, :, 1, 6:] = 0.0, 1.0
+    torch.manual_seed(0)
+    params = torch.stack([te.ColorParameters()(None)[1] for _ in range(48)])  # (48, 10)
+    # 8 images with one op alone, at the lower and the upper end of its range (the other factors neutral)
+    params[:8, 0], params[:8, 1:5] = 1.0, torch.tensor([1.0, 1.0, 1.0, 0.0])
+    for i in range(8):
+        params[i, 1 + i % 4] = (0.6, 0.6, 0.8, -0.1, 1.4, 1.4, 1.2, 0.1)[i]
+    assert params[:, 0].any() and not params[:, 0].all() and params[:, 9].any() and not params[:, 9].all()
+    batched = te.adjust_colors(images, params)
+    for image, row, out in zip(images, params, batched):
+        torch.testing.assert_close(out, reference_colors(image, row), atol=1e-5, rtol=0)
+    # from uint8 pixels to the normalised input of the model, as _normalize() does it
+    pixels = (images * 255).round().to(torch.uint8)
+    expected = torch.stack([F.normalize(reference_colors(F.to_dtype(x, torch.float32, scale=True), row),
+                                        te.IMAGENET_MEAN, te.IMAGENET_STD) for x, row in zip(pixels, params)])  # fmt: skip
+    torch.testing.assert_close(te.color_augment(pixels, params), expected, atol=1e-5, rtol=0)
+
+
+def test_color_parameters_draw_what_torchvision_draws(monkeypatch):
+    jitter = v2.RandomApply([v2.ColorJitter(*te.COLOR_JITTER)], p=te.COLOR_JITTER_P)
+    grayscale = v2.RandomGrayscale(p=te.GRAYSCALE_P)
+    drawn = {}
+    monkeypatch.setattr(jitter.transforms[0], "transform", lambda image, params: drawn.update(jitter=params) or image)
+    monkeypatch.setattr(grayscale, "transform", lambda image, params: drawn.update(gray=True) or image)
+    image, seen = torch.zeros(3, 4, 4), set()
+    for seed in range(100):
+        drawn.clear()
+        torch.manual_seed(seed)
+        grayscale(jitter(image))
+        after_torchvision = torch.rand(1)
+        torch.manual_seed(seed)
+        params = te.ColorParameters()(image)[1]
+        assert torch.equal(torch.rand(1), after_torchvision)  # the same number of draws
+        assert bool(params[0]) == ("jitter" in drawn) and bool(params[9]) == ("gray" in drawn)
+        if "jitter" in drawn:
+            choices = drawn["jitter"]
+            assert params[5:9].tolist() == choices["fn_idx"].tolist()
+            factors = [choices[f"{name}_factor"] for name in ("brightness", "contrast", "saturation", "hue")]
+            assert params[1:5].tolist() == factors  # exactly: the same float32 draws
+        seen.add((bool(params[0]), bool(params[9])))
+    assert seen == {(False, False), (False, True), (True, False), (True, True)}
+
+
+@pytest.mark.parametrize("augmentation", te.AUGMENTATIONS)
+def test_color_on_device_makes_the_random_choices_of_the_cpu_path(augmentation):
+    """Under one image seed, both paths crop, flip and colour alike, and draw the same mask noise after."""
+    rng = np.random.default_rng(0)
+    image = PIL.Image.fromarray((np.kron(rng.random((6, 7, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8))
+    on_cpu = te.build_train_transform(augmentation, 32)
+    on_device = te.build_train_transform(augmentation, 32, color_on_device=True)
+    to_levels = torch.tensor(te.IMAGENET_STD)[:, None, None] * 255  # normalised differences -> uint8 levels
+    differences = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        expected, noise = te.view_fields(*on_cpu(image)), torch.rand(16)
+        torch.manual_seed(seed)
+        fields = te.view_fields(*on_device(image))
+        assert torch.equal(torch.rand(16), noise)
+        assert fields["pixel_values"].dtype == (torch.float32 if augmentation in ("center", "crop") else torch.uint8)
+        batch = {key: value[None] for key, value in fields.items()}  # a batch of one, as collated
+        student, teacher = te.device_views(batch, torch.device("cpu"))
+        assert (teacher is None) == ("pixel_values_teacher" not in expected)
+        for view, key in ((student, "pixel_values"), (teacher, "pixel_values_teacher")):
+            if view is not None:
+                differences.append(((view[0] - expected[key]) * to_levels).abs().max().item())
+    # The CPU path truncates to uint8 after every op (and floors its grayscale images): measured at most 4.6, 4.7 and
+    # 4.3 levels for color, crop_color and shared_crop_color, 0 where no colour op applies; the colour parameters of
+    # another seed differed from the CPU path's view by 47 levels or more.
+    assert max(differences) < 6 and min(differences) == 0
+    if augmentation in ("center", "crop"):  # no colour part: the flag changes nothing
+        assert max(differences) == 0
+    sent = {
+        "center": ["pixel_values"],
+        "crop": ["pixel_values"],
+        "color": ["color_student", "pixel_values"],  # one view for both branches
+        "crop_color": ["color_student", "color_teacher", "pixel_values", "pixel_values_teacher"],
+        "shared_crop_color": ["color_student", "color_teacher", "pixel_values"],  # one uint8 crop for both views
+    }
+    assert sorted(fields) == sent[augmentation]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by scripts/gpu_check.sh)")
+def test_cuda_color_augment_never_waits_and_matches_the_cpu():
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    torch.manual_seed(0)
+    params = torch.stack([te.ColorParameters()(None)[1] for _ in range(64)]).pin_memory()
+    expected = te.color_augment(pixels, params)
+    pixels = pixels.cuda()
+    te.color_augment(pixels, params)  # first calls load kernels
+    torch.cuda.set_sync_debug_mode("error")  # raises on any call that makes the host wait for the GPU
+    try:
+        augmented = te.color_augment(pixels, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(augmented.cpu(), expected, atol=1e-5, rtol=0)
+
+
 def test_eval_transform_normalises_with_imagenet_statistics():
     out = te.build_eval_transform(32)(PIL.Image.new("RGB", (50, 40), (124, 116, 104)))
     assert out.shape == (3, 32, 32)
@@ -253,27 +366,34 @@ def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
 
 
 def take_batches(dataset, args, position, count):
-    transform = te.build_train_transform("shared_crop_color", 32)
+    transform = te.build_train_transform("shared_crop_color", 32, color_on_device=args.color_on_device)
     batches = te.training_batches(dataset, transform, args, (64,), position, torch.device("cpu"))
     return [next(batches) for _ in range(count)]
 
 
+@pytest.mark.parametrize("color_on_device", [False, True], ids=["color_on_cpu", "color_on_device"])
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_training_stream_resumes_exactly(tmp_path, num_workers):
+def test_training_stream_resumes_exactly(tmp_path, num_workers, color_on_device):
     write_image_parquet(tmp_path / "data", num_images=20, num_shards=3, broken={4})
     raw = te.load_raw_stream(te.open_dataset(train_dir=tmp_path / "data"), "train")
     dataset = te.rank_dataset(raw, 0, 1, seed=0, buffer_size=4)
-    args = te.parse_args(["--train_dir", "x", "--per_device_train_batch_size", "3", "--num_workers", str(num_workers)])
+    args = te.parse_args(["--train_dir", "x", "--per_device_train_batch_size", "3", "--num_workers", str(num_workers)]
+                         + ["--color_on_device"] * color_on_device)  # fmt: skip
     position = te.StreamPosition(epoch=1)
     reference = take_batches(dataset, args, position, 9)  # 27 images from 19 decodable: the stream wraps around
     assert sum(position.skipped_images.values()) >= 1
+    # shared_crop_color: two float views, or one uint8 crop and the colour parameters of each view
+    on_cpu, on_device = ["pixel_values", "pixel_values_teacher"], ["color_student", "color_teacher", "pixel_values"]
+    views = on_device if color_on_device else on_cpu
+    assert sorted(set(reference[0]) - {"noise", "worker", "rows", "skipped"}) == views
+    assert reference[0]["pixel_values"].dtype == (torch.uint8 if color_on_device else torch.float32)
     for consumed in (3, 5):
         position = te.StreamPosition(epoch=1)
         take_batches(dataset, args, position, consumed)
         saved = te.StreamPosition.from_json(json.loads(json.dumps(position.to_json())))
         resumed = take_batches(dataset, args, saved, 9 - consumed)
         for a, b in zip(reference[consumed:], resumed):
-            for key in ("pixel_values", "pixel_values_teacher", "noise"):
+            for key in views + ["noise"]:
                 assert torch.equal(a[key], b[key])
     with pytest.raises(te.UsageError, match="resume with --num_workers"):
         take_batches(dataset, te.parse_args(["--train_dir", "x", "--num_workers", "1"]), saved, 1)
@@ -295,6 +415,11 @@ def test_recipes_and_defaults():
     assert (args.adam_beta2, args.weight_decay, args.learning_rate, args.ema_momentum) == (0.95, 0.1, 1.5e-4, 0.996)
     assert te.parse_args(["--recipe", "vit-base-mask09x8-color"]).num_masks == 8
     assert te.parse_args(["--recipe", "vit-base-mask08x5"]).augmentation == "crop"
+    # the ImageNet recipes run on GPUs: colour augmentation there; the CPU demo and custom runs keep it in the workers
+    gpu_recipes = [name for name in te.RECIPES if name.startswith("vit-base")]
+    assert len(gpu_recipes) == 4 and all(te.parse_args(["--recipe", name]).color_on_device for name in gpu_recipes)
+    assert not te.parse_args([]).color_on_device and not te.parse_args(["--train_dir", "x"]).color_on_device
+    assert te.parse_args(["--train_dir", "x", "--color_on_device"]).color_on_device
     assert te.parse_args(["--train_dir", "x"]).recipe is None
     on_own_data = te.parse_args(["--recipe", "vit-base-mask08x5", "--train_dir", "x"])
     assert on_own_data.dataset_name is None and on_own_data.validation_split is None and on_own_data.num_masks == 5
@@ -312,12 +437,13 @@ def assert_same_weights(a, b, atol):
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
-def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("color", [[], ["--color_on_device"]], ids=["color_on_cpu", "color_on_device"])
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path, color):
     """6 steps in one go == 4 steps with a checkpoint at 3, a 'kill', then a resume from step 3 to 6."""
     write_image_parquet(tmp_path / "data", num_images=44, num_shards=3, broken={5})
-    common = FAST + ["--train_dir", str(tmp_path / "data"), "--max_train_steps", "6", "--num_workers", "2",
-                     "--shuffle_buffer_size", "16", "--learning_rate", "1e-2", "--warmup_steps", "2",
-                     "--drop_path_rate", "0.1", "--checkpointing_steps", "3"]  # fmt: skip
+    common = FAST + color + ["--train_dir", str(tmp_path / "data"), "--max_train_steps", "6", "--num_workers", "2",
+                             "--shuffle_buffer_size", "16", "--learning_rate", "1e-2", "--warmup_steps", "2",
+                             "--drop_path_rate", "0.1", "--checkpointing_steps", "3"]  # fmt: skip
     # 43 decodable images / batch 8 = 5 steps per epoch: the runs cross an epoch boundary
     one_go = te.main(common + ["--output_dir", str(tmp_path / "one_go"), "--export_every", "3"])
     assert one_go["steps_per_epoch"] == 5
