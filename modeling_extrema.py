@@ -21,7 +21,6 @@ the pre-training and classification heads. This file is shipped as remote code, 
 transformers and its configuration.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch

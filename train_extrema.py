@@ -720,6 +720,15 @@ def weighted_knn(
     Cosine similarity of L2-normalised features; each of the k nearest gallery images votes for its class with weight
     exp(similarity / temperature). Test images are processed in chunks of `chunk_size` to bound memory.
     """
+    # float32 even under autocast (the training loop's kNN runs inside it): bf16 similarities would tie and reorder
+    # neighbours, and scatter_add_ needs one dtype
+    with torch.autocast(train_features.device.type, enabled=False):
+        return _weighted_knn(
+            train_features, train_labels, test_features, test_labels, k, temperature, num_classes, chunk_size
+        )
+
+
+def _weighted_knn(train_features, train_labels, test_features, test_labels, k, temperature, num_classes, chunk_size):
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1).to(train_features.device)
     train_labels = train_labels.long().to(train_features.device)

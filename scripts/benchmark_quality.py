@@ -52,6 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--max_eval_samples", type=int, default=2_000, help="kNN queries: first N validation images")
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mixed_precision", choices=("no", "bf16"), default="no",
+        help="bf16 autocast for both pre-trainings (2.5x faster on CPUs with native bf16 dot products)",
+    )  # fmt: skip
     group = parser.add_argument_group("ExtreMA (passed to train_extrema.py)")
     group.add_argument("--model_config", default="tiny")
     group.add_argument("--mask_ratio", type=float, default=0.75)
@@ -89,7 +93,7 @@ def pretrain_extrema(args, loss: str, warmup_steps: int) -> tuple[Path, float]:
         "--ema_momentum", str(args.ema_momentum),
         "--loss", loss,
         "--drop_path_rate", "0",
-        "--mixed_precision", "no",
+        "--mixed_precision", args.mixed_precision,
         "--skip_knn",
         "--report_to", "none",
         "--seed", str(args.seed),
@@ -137,7 +141,8 @@ def pretrain_mae(args, config, warmup_steps: int) -> tuple[ViTMAEForPreTraining,
         for batch in loader:
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step, args.max_train_steps, warmup_steps, peak_lr)
-            loss = model(pixel_values=batch["pixel_values"]).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+                loss = model(pixel_values=batch["pixel_values"]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -234,6 +239,7 @@ def main(argv=None):
             "batch_size": args.batch_size,
             "peak_lr": args.learning_rate * args.batch_size / 256,
             "warmup_steps": warmup_steps,
+            "mixed_precision": args.mixed_precision,
             "extrema": {
                 "config": args.model_config,
                 "masking": f"{args.mask_ratio} x {args.num_masks}",

@@ -72,6 +72,9 @@ def test_weighted_knn_matches_a_reference_and_chunking():
     assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
     assert 30 < result["top1"] < 100  # neither trivial nor chance (12.5%)
     assert te.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=1000) == result
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the training loop's kNN runs inside the step's autocast
+        assert te.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=16) == result
+        assert te.weighted_knn(train_x.bfloat16(), train_y, test_x.bfloat16(), test_y, k=20)["top1"] > 30
     # well separated clusters are classified perfectly; k larger than the gallery is clamped
     perfect = te.weighted_knn(centers, torch.arange(8), centers * 2, torch.arange(8), k=1000)
     assert perfect == {"top1": 100.0, "top5": 100.0}
