@@ -1,7 +1,10 @@
 """Quality benchmark: kNN accuracy of ExtreMA against its masked-modelling peer at the same CPU budget.
 
-    python scripts/benchmark_quality.py --train_dir ../shared/data/cifar10 --max_train_steps 400 --batch_size 64 \
+    python scripts/benchmark_quality.py --train_dir ../shared/data/cifar10 --max_train_steps 2340 --batch_size 256 \
+        --warmup_steps 195 --learning_rate 1e-3 --augmentation crop_color --mixed_precision bf16 \
         --max_train_samples 10000 --max_eval_samples 2000 --output_dir bench/quality
+
+(12 epochs of CIFAR-10 per pre-training; bf16 autocast is 2.5x faster on CPUs with native bf16 dot products.)
 
 Representations of the same images, each scored by weighted kNN (train_extrema.weighted_knn, k=20 and 200, T=0.07)
 with a gallery from the training split and queries from the validation split:
@@ -44,9 +47,9 @@ from train_extrema import (
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--max_train_steps", type=int, default=500, help="optimizer steps of EACH pre-training")
-    parser.add_argument("--batch_size", type=int, default=128, help="images per step, for both")
-    parser.add_argument("--learning_rate", type=float, default=1.5e-3, help="base lr x batch / 256, for both")
+    parser.add_argument("--max_train_steps", type=int, default=2340, help="optimizer steps of EACH pre-training")
+    parser.add_argument("--batch_size", type=int, default=256, help="images per step, for both")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="base lr x batch / 256, for both")
     parser.add_argument("--warmup_steps", type=int, help="default: 10%% of the steps")
     parser.add_argument("--max_train_samples", type=int, default=10_000, help="kNN gallery: first N training images")
     parser.add_argument("--max_eval_samples", type=int, default=2_000, help="kNN queries: first N validation images")
@@ -60,7 +63,9 @@ def parse_args(argv=None):
     group.add_argument("--model_config", default="tiny")
     group.add_argument("--mask_ratio", type=float, default=0.75)
     group.add_argument("--num_masks", type=int, default=2)
-    group.add_argument("--augmentation", default="shared_crop_color")
+    # two independent crop + colour views (Table 4's crop + color), the setting of the measured run in the README;
+    # the released ImageNet models share one crop between the branches (shared_crop_color)
+    group.add_argument("--augmentation", default="crop_color")
     group.add_argument("--ema_momentum", type=float, default=0.99)
     group.add_argument(
         "--losses", nargs="+", choices=("byol", "infonce"), default=["byol", "infonce"],
@@ -130,6 +135,8 @@ def pretrain_mae(args, config, warmup_steps: int) -> tuple[ViTMAEForPreTraining,
     start = time.perf_counter()
     set_seed(args.seed)
     model = ViTMAEForPreTraining(mae_config_like(config, args)).train()
+    if args.mixed_precision == "bf16":
+        model.set_attn_implementation("eager")  # as train_extrema does on a CPU: sdpa is slow on short bf16 sequences
     peak_lr = args.learning_rate * args.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=peak_lr, betas=(0.9, 0.95))
     transform = build_train_transform("crop", config.image_size, crop_min=0.2).shared  # one crop + flip view
