@@ -423,6 +423,7 @@ def test_recipes_and_defaults():
     assert len(gpu_recipes) == 4 and all(te.parse_args(["--recipe", name]).color_on_device for name in gpu_recipes)
     assert not te.parse_args([]).color_on_device and not te.parse_args(["--train_dir", "x"]).color_on_device
     assert te.parse_args(["--train_dir", "x", "--color_on_device"]).color_on_device
+    assert not te.parse_args(["--recipe", "vit-base-mask08x5", "--no-color_on_device"]).color_on_device
     assert te.parse_args(["--train_dir", "x"]).recipe is None
     on_own_data = te.parse_args(["--recipe", "vit-base-mask08x5", "--train_dir", "x"])
     assert on_own_data.dataset_name is None and on_own_data.validation_split is None and on_own_data.num_masks == 5
