@@ -723,30 +723,24 @@ def weighted_knn(
     # float32 even under autocast (the training loop's kNN runs inside it): bf16 similarities would tie and reorder
     # neighbours, and scatter_add_ needs one dtype
     with torch.autocast(train_features.device.type, enabled=False):
-        return _weighted_knn(
-            train_features, train_labels, test_features, test_labels, k, temperature, num_classes, chunk_size
-        )
-
-
-def _weighted_knn(train_features, train_labels, test_features, test_labels, k, temperature, num_classes, chunk_size):
-    train_features = F.normalize(train_features.float(), dim=1)
-    test_features = F.normalize(test_features.float(), dim=1).to(train_features.device)
-    train_labels = train_labels.long().to(train_features.device)
-    test_labels = test_labels.long().to(train_features.device)
-    if num_classes is None:
-        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    k = min(k, train_features.shape[0])
-    top1 = top5 = 0
-    for start in range(0, test_features.shape[0], chunk_size):
-        queries, targets = test_features[start : start + chunk_size], test_labels[start : start + chunk_size]
-        similarity, neighbors = (queries @ train_features.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
-        votes.scatter_add_(1, train_labels[neighbors], (similarity / temperature).exp())  # (b, C)
-        predictions = votes.topk(min(5, num_classes), dim=1).indices  # (b, 5)
-        top1 += (predictions[:, 0] == targets).sum().item()
-        top5 += (predictions == targets[:, None]).any(dim=1).sum().item()
-    total = test_features.shape[0]
-    return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total}
+        train_features = F.normalize(train_features.float(), dim=1)
+        test_features = F.normalize(test_features.float(), dim=1).to(train_features.device)
+        train_labels = train_labels.long().to(train_features.device)
+        test_labels = test_labels.long().to(train_features.device)
+        if num_classes is None:
+            num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+        k = min(k, train_features.shape[0])
+        top1 = top5 = 0
+        for start in range(0, test_features.shape[0], chunk_size):
+            queries, targets = test_features[start : start + chunk_size], test_labels[start : start + chunk_size]
+            similarity, neighbors = (queries @ train_features.T).topk(k, dim=1)  # (b, k)
+            votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
+            votes.scatter_add_(1, train_labels[neighbors], (similarity / temperature).exp())  # (b, C)
+            predictions = votes.topk(min(5, num_classes), dim=1).indices  # (b, 5)
+            top1 += (predictions[:, 0] == targets).sum().item()
+            top5 += (predictions == targets[:, None]).any(dim=1).sum().item()
+        total = test_features.shape[0]
+        return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total}
 
 
 def _is_main_process() -> bool:
@@ -940,8 +934,7 @@ _IMAGENET_1K = dict(
     color_on_device=True,  # the CPU workers would otherwise limit a GPU (README, Performance)
 )
 RECIPES = {
-    # the default when no data is given: Fashion-MNIST, 32 px, a few minutes on 2 CPU cores
-    # The default when no data is given: Fashion-MNIST at 32 px, 374 steps in a few minutes on 2 CPU cores. In runs
+    # The default when no data is given: Fashion-MNIST at 32 px, 375 steps in a few minutes on 2 CPU cores. In runs
     # this short, BYOL's targets collapse before they improve (kNN falls below its value at initialisation), so the
     # demo uses the InfoNCE objective of the paper's Table 6, whose negatives keep the features apart.
     "tiny-fashion-mnist": dict(
