@@ -36,6 +36,11 @@ def golden_path() -> Path:
 
 
 @pytest.fixture
+def golden_train_path() -> Path:
+    return shared_path("EXTREMA_GOLDEN_TRAIN", SHARED / "golden" / "official_extrema_train_shared.pt")
+
+
+@pytest.fixture
 def cifar10_dir() -> Path:
     return shared_path("EXTREMA_CIFAR10_DIR", SHARED / "data" / "cifar10")
 
