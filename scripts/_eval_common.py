@@ -197,6 +197,47 @@ def load_image(args):
     return row["image"]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Training: the loop of the linear probe and of fine-tuning
+
+
+def train_classifier(
+    model, optimizer, loader, accelerator, *, loss_fn, lr_at, num_epochs: int, total_steps: int,
+    max_grad_norm: float | None = None, frozen=None, desc: str = "train",
+) -> tuple[int, float]:  # fmt: skip
+    """Train a prepared classifier for `num_epochs` passes over `loader`; returns (optimizer steps, last loss).
+
+    loss_fn(model, batch) -> scalar loss; lr_at(step) -> the learning rate of optimizer step `step`, scaled by each
+    param group's `lr_scale` (1 when absent). Gradients accumulate over the Accelerator's
+    `gradient_accumulation_steps` batches per optimizer step. `frozen` (a submodule: the probe's backbone) stays in
+    eval mode, so that its dropout, drop path and BatchNorm statistics do not change while the head trains.
+    """
+    step, loss = 0, torch.tensor(float("nan"))
+    progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_main_process)
+    for epoch in range(num_epochs):
+        loader.set_epoch(epoch)  # a new shuffle of the same images
+        model.train()
+        if frozen is not None:
+            frozen.eval()
+        for batch in loader:
+            with accelerator.accumulate(model):
+                lr = lr_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                loss = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if max_grad_norm and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()  # the prepared optimizer steps only once the gradients are accumulated
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                step += 1
+                progress.update(1)
+                progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+    progress.close()
+    return step, loss.item()
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> dict:
     """Top-1 / top-5 accuracy in % over the whole loader (all processes)."""

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 from _eval_common import (
     add_eval_args,
@@ -30,6 +29,7 @@ from _eval_common import (
     resolve_validation_split,
     run,
     split_size_and_classes,
+    train_classifier,
     write_results,
 )
 from train_extrema import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, get_lr
@@ -130,29 +130,18 @@ def main(argv=None):
     steps_per_epoch = math.ceil(num_train / total_batch)
     total_steps = args.num_train_epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    step, loss = 0, torch.tensor(float("nan"))
-    progress = tqdm(total=total_steps, desc="fine-tune", disable=not accelerator.is_main_process)
-    for epoch in range(args.num_train_epochs):
-        train_loader.set_epoch(epoch)
-        model.train()
-        for batch in train_loader:
-            lr = get_lr(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            pixel_values, targets = batch["pixel_values"], batch["label"]
-            if mix is not None:
-                pixel_values, targets = mix(pixel_values, targets)  # targets: (B, num_labels) probabilities
-            logits = model(pixel_values).logits
-            loss = F.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
-            accelerator.backward(loss)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-    progress.close()
+
+    def loss_fn(model, batch):
+        pixel_values, targets = batch["pixel_values"], batch["label"]
+        if mix is not None:
+            pixel_values, targets = mix(pixel_values, targets)  # targets: (B, num_labels) probabilities
+        return F.cross_entropy(model(pixel_values).logits, targets, label_smoothing=args.label_smoothing)
+
+    step, loss = train_classifier(
+        model, optimizer, train_loader, accelerator, loss_fn=loss_fn,
+        lr_at=lambda step: get_lr(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate),
+        num_epochs=args.num_train_epochs, total_steps=total_steps, max_grad_norm=args.max_grad_norm, desc="fine-tune",
+    )  # fmt: skip
 
     metrics = evaluate(model, eval_loader, accelerator)
     results = {
@@ -169,7 +158,7 @@ def main(argv=None):
         "cutmix": args.cutmix,
         "randaugment": args.randaugment,
         "label_smoothing": args.label_smoothing,
-        "final_train_loss": loss.item(),
+        "final_train_loss": loss,
         **metrics,
     }
     if accelerator.is_main_process:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from _eval_common import (
     add_eval_args,
@@ -27,6 +26,7 @@ from _eval_common import (
     resolve_validation_split,
     run,
     split_size_and_classes,
+    train_classifier,
     write_results,
 )
 from train_extrema import build_eval_transform, build_train_transform, get_lr
@@ -111,23 +111,13 @@ def main(argv=None):
     steps_per_epoch = math.ceil(num_train / total_batch)
     total_steps = args.num_train_epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    step, loss = 0, torch.tensor(float("nan"))
-    progress = tqdm(total=total_steps, desc="linear probe", disable=not accelerator.is_main_process)
-    for epoch in range(args.num_train_epochs):
-        train_loader.set_epoch(epoch)  # a new shuffle of the same images
-        model.train()
-        accelerator.unwrap_model(model).extrema.eval()
-        for batch in train_loader:
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, total_steps, warmup_steps, peak_lr)
-            loss = F.cross_entropy(model(batch["pixel_values"]).logits, batch["label"])
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-    progress.close()
+    step, loss = train_classifier(
+        model, optimizer, train_loader, accelerator,
+        loss_fn=lambda model, batch: F.cross_entropy(model(batch["pixel_values"]).logits, batch["label"]),
+        lr_at=lambda step: get_lr(step, total_steps, warmup_steps, peak_lr),
+        num_epochs=args.num_train_epochs, total_steps=total_steps,
+        frozen=accelerator.unwrap_model(model).extrema, desc="linear probe",
+    )  # fmt: skip
 
     metrics = evaluate(model, eval_loader, accelerator)
     results = {
@@ -140,7 +130,7 @@ def main(argv=None):
         "epochs": args.num_train_epochs,
         "steps": step,
         "peak_lr": peak_lr,
-        "final_train_loss": loss.item(),
+        "final_train_loss": loss,
         **metrics,
     }
     if accelerator.is_main_process:
