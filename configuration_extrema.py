@@ -65,6 +65,13 @@ class ExtremaConfig(PretrainedConfig):
         infonce_temperature (`float`, defaults to 0.2): temperature of the InfoNCE loss.
         classifier_pooling (`str`, defaults to `"mean"`): features of [`ExtremaForImageClassification`]: `"mean"`
             (mean of the patch tokens, the fine-tuning recipe) or `"cls"` (the class token, the linear-probe recipe).
+        head_norm (`str`, defaults to `"layernorm"`): normalisation inside the projector and predictor:
+            `"layernorm"` (the official heads) or `"batchnorm"` (BYOL / MoCo v3 heads; one set of statistics over all
+            masked views of a step, synchronised across processes by the training script).
+        target_centering (`str`, defaults to `"none"`): what is subtracted from the teacher's projections before the
+            loss normalises them: `"none"` (the official loss), `"batch"` (their batch mean, over all processes) or
+            `"ema"` (a running mean of it, as DINO centres its teacher).
+        target_center_momentum (`float`, defaults to 0.9): momentum of the running centre for `target_centering="ema"`.
     """
 
     model_type = "extrema"
@@ -95,6 +102,9 @@ class ExtremaConfig(PretrainedConfig):
         loss="byol",
         infonce_temperature=0.2,
         classifier_pooling="mean",
+        head_norm="layernorm",
+        target_centering="none",
+        target_center_momentum=0.9,
         **kwargs,
     ):
         self.image_size = image_size
@@ -121,6 +131,9 @@ class ExtremaConfig(PretrainedConfig):
         self.loss = loss
         self.infonce_temperature = infonce_temperature
         self.classifier_pooling = classifier_pooling
+        self.head_norm = head_norm
+        self.target_centering = target_centering
+        self.target_center_momentum = target_center_momentum
         super().__init__(**kwargs)
         self.validate_extrema()
 
@@ -170,6 +183,12 @@ class ExtremaConfig(PretrainedConfig):
             raise ValueError(f"loss must be 'byol' or 'infonce', got {self.loss!r}.")
         if self.classifier_pooling not in ("mean", "cls"):
             raise ValueError(f"classifier_pooling must be 'mean' or 'cls', got {self.classifier_pooling!r}.")
+        if self.head_norm not in ("layernorm", "batchnorm"):
+            raise ValueError(f"head_norm must be 'layernorm' or 'batchnorm', got {self.head_norm!r}.")
+        if self.target_centering not in ("none", "batch", "ema"):
+            raise ValueError(f"target_centering must be 'none', 'batch' or 'ema', got {self.target_centering!r}.")
+        if not 0.0 <= self.target_center_momentum < 1.0:
+            raise ValueError(f"target_center_momentum must be in [0, 1), got {self.target_center_momentum}.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ExtremaConfig":

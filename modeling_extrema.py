@@ -54,7 +54,8 @@ class ExtremaForPreTrainingOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`): the BYOL (or InfoNCE) loss averaged over masks.
         predictions (`torch.FloatTensor` of shape `(num_masks * batch_size, projection_dim)`): the student's
             predictions, mask-major (all images of mask 0, then mask 1, ...).
-        targets (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): the teacher's projections.
+        targets (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): the teacher's projections (after
+            `config.target_centering`), the regression targets.
         ids_keep (`torch.LongTensor` of shape `(num_masks, batch_size, num_visible)`): visible patch indices.
         student_pooler_output (`torch.FloatTensor` of shape `(num_masks * batch_size, hidden_size)`): the student's
             instance representations of the masked views.
@@ -441,13 +442,14 @@ class ExtremaModel(ExtremaPreTrainedModel):
         )
 
 
-def build_mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int) -> nn.Sequential:
-    """BYOL head with LayerNorm + GELU instead of BatchNorm + ReLU: (Linear-LayerNorm-GELU) x (n-1), then Linear."""
+def build_mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int, norm: str = "layernorm"):
+    """BYOL head: (Linear-Norm-GELU) x (n-1), then Linear. `norm` is LayerNorm (official) or BatchNorm (BYOL)."""
+    norm_layer = nn.LayerNorm if norm == "layernorm" else nn.BatchNorm1d
     layers = []
     for i in range(num_layers):
         layers.append(nn.Linear(input_dim if i == 0 else hidden_dim, output_dim if i == num_layers - 1 else hidden_dim))
         if i < num_layers - 1:
-            layers += [nn.LayerNorm(hidden_dim), nn.GELU()]
+            layers += [norm_layer(hidden_dim), nn.GELU()]
     return nn.Sequential(*layers)
 
 
@@ -462,9 +464,13 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
         super().__init__(config)
         self.student = ExtremaModel(config)
         self.teacher = ExtremaModel(config)
-        self.student_projector = build_mlp(3, config.hidden_size, config.projector_hidden_size, config.projection_dim)
-        self.teacher_projector = build_mlp(3, config.hidden_size, config.projector_hidden_size, config.projection_dim)
-        self.predictor = build_mlp(2, config.projection_dim, config.predictor_hidden_size, config.projection_dim)
+        hidden, proj, norm = config.hidden_size, config.projection_dim, config.head_norm
+        self.student_projector = build_mlp(3, hidden, config.projector_hidden_size, proj, norm)
+        self.teacher_projector = build_mlp(3, hidden, config.projector_hidden_size, proj, norm)
+        self.predictor = build_mlp(2, proj, config.predictor_hidden_size, proj, norm)
+        if config.target_centering == "ema":
+            # DINO's centre: a running mean of the teacher's projections, subtracted from them before the loss
+            self.register_buffer("target_center", torch.zeros(1, proj))
         self.post_init()
         self.reset_teacher()
 
@@ -531,6 +537,24 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
             return ids_shuffle[:, : num_masks * num_visible].view(batch_size, num_masks, num_visible).transpose(0, 1)
         return ids_shuffle[..., :num_visible]  # (M, B, K)
 
+    @torch.no_grad()
+    def center_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Subtract the batch mean (or its running mean) of the teacher's projections: (B, P) -> (B, P).
+
+        Without negatives, nothing in the BYOL loss stops every target from drifting toward one shared direction; a
+        constant target is then the cheapest thing to predict. Removing the mean that all targets share leaves only
+        what tells the images apart to regress (DINO centres its teacher for the same reason).
+        """
+        if self.config.target_centering == "none":
+            return targets
+        batch_mean = all_reduce_mean(targets.float().mean(dim=0, keepdim=True))  # (1, P), over every process
+        if self.config.target_centering == "batch":
+            return targets - batch_mean.to(targets.dtype)
+        centered = targets - self.target_center.to(targets.dtype)
+        if self.training:
+            self.target_center.lerp_(batch_mean, 1.0 - self.config.target_center_momentum)
+        return centered
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -551,7 +575,7 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
 
         with torch.no_grad():
             teacher_output = self.teacher(pixel_values_teacher)
-            targets = self.teacher_projector(teacher_output.pooler_output)  # (B, P)
+            targets = self.center_targets(self.teacher_projector(teacher_output.pooler_output))  # (B, P)
 
         student_output = self.student(pixel_values, ids_keep=ids_keep)  # all masks in one batch: (M * B, 1 + K, D)
         predictions = self.predictor(self.student_projector(student_output.pooler_output))  # (M * B, P)
@@ -593,6 +617,29 @@ def infonce_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: in
     logits = torch.einsum("mbp,np->mbn", p, z) / temperature  # (M, B, world * B)
     labels = torch.arange(batch_size, device=z.device) + rank * batch_size
     return F.cross_entropy(logits.flatten(0, 1), labels.repeat(num_masks)) * (2 * temperature)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over all processes (itself when not distributed). No gradient flows through it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        tensor /= torch.distributed.get_world_size()
+    return tensor
+
+
+@torch.no_grad()
+def collapse_statistics(vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How collapsed a batch of representations (B, P) is, on the unit sphere.
+
+    `mean_cosine`: the mean cosine similarity of distinct pairs (0 for directions spread over the sphere, 1 for one
+    shared direction). `std`: the per-dimension std of the L2-normalised vectors times sqrt(P) (SimSiam's measure:
+    ~1 when spread over all dimensions, 0 when collapsed to a point). Both stay on the device (no sync).
+    """
+    z = F.normalize(vectors.float(), dim=-1)
+    n, dim = z.shape
+    pair_sum = z.sum(dim=0).pow(2).sum() - n  # sum of cos over ordered distinct pairs: |sum z|^2 - sum |z|^2
+    return {"mean_cosine": pair_sum / max(n * (n - 1), 1), "std": z.std(dim=0).mean() * dim**0.5}
 
 
 class ExtremaForImageClassification(ExtremaPreTrainedModel):
@@ -664,6 +711,7 @@ AutoModelForPreTraining.register(ExtremaConfig, ExtremaForPreTraining, exist_ok=
 AutoModelForImageClassification.register(ExtremaConfig, ExtremaForImageClassification, exist_ok=True)
 
 __all__ = [
+    "collapse_statistics",
     "ExtremaForImageClassification",
     "ExtremaForPreTraining",
     "ExtremaForPreTrainingOutput",

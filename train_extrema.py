@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the model files sit beside this script
 
 from configuration_extrema import PRESETS, ExtremaConfig  # noqa: E402
-from modeling_extrema import ExtremaForPreTraining  # noqa: E402
+from modeling_extrema import ExtremaForPreTraining, collapse_statistics  # noqa: E402
 
 logger = logging.getLogger("train_extrema")
 
@@ -800,14 +800,33 @@ def get_momentum(step: int, total_steps: int, base_momentum: float) -> float:
     return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: not on biases, norms, layer-scale gammas or the class token."""
-    decay, no_decay = [], []
+def teacher_init_share(total_steps: int, base_momentum: float) -> float:
+    """The share of its initial weights that the teacher still holds after the run: the product of the momenta.
+
+    Every EMA step keeps a fraction m of the teacher, so after the run prod(m_t) of it is the random initialisation.
+    With m rising from 0.996 to 1, that is 31% after 585 steps (3 CIFAR-10 epochs of batch 256) but 0.7% after 5,000;
+    a short run with the paper's momentum evaluates and exports a teacher that is still largely random.
+    """
+    return math.exp(sum(math.log(get_momentum(step, total_steps, base_momentum)) for step in range(total_steps)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, predictor_lr_multiplier: float = 1.0) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, layer-scale gammas or the class token.
+
+    Each group carries an `lr_scale` (the training loop sets lr = scale x schedule): the predictor's is
+    `predictor_lr_multiplier`, everything else's 1.
+    """
+    groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:  # the teacher
             continue
-        (no_decay if param.ndim < 2 or name.endswith("cls_token") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = param.ndim >= 2 and not name.endswith("cls_token")
+        scale = predictor_lr_multiplier if name.split(".")[0] == "predictor" else 1.0
+        group = groups.setdefault(
+            (scale, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        )
+        group["params"].append(param)
+    return list(groups.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -987,6 +1006,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num_masks", type=int, help="masked views per image (default: the config's)")
     group.add_argument("--loss", choices=("byol", "infonce"), help="training objective (default: the config's, byol)")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student")
+    group.add_argument(
+        "--head_norm", choices=("layernorm", "batchnorm"), help="norm in the projector/predictor (config's: layernorm)"
+    )
+    group.add_argument(
+        "--target_centering",
+        choices=("none", "batch", "ema"),
+        help="subtract the teacher projections' mean before the loss (config's: none)",
+    )
     group.add_argument("--augmentation", choices=AUGMENTATIONS, default="shared_crop_color")
     group.add_argument("--crop_min", type=float, default=0.2, help="smallest random-resized-crop scale")
     group.add_argument(
@@ -1018,7 +1045,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max_grad_norm", type=float, help="clip gradients to this norm (default: no clipping)")
     group.add_argument("--ema_momentum", type=float, default=0.996, help="initial teacher momentum, rises to 1")
     group.add_argument(
-        "--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto", help="auto: bf16 on GPUs with it"
+        "--predictor_lr_multiplier", type=float, default=1.0, help="the predictor's lr as a multiple of the others'"
+    )
+    group.add_argument(
+        "--mixed_precision",
+        choices=("auto", "no", "bf16", "fp16"),
+        default="auto",
+        help="auto: bf16 where the hardware has it (GPUs, CPUs with AVX512-BF16 or AMX), else float32"
     )
     group.add_argument("--seed", type=int, default=0)
 
@@ -1073,8 +1106,9 @@ def build_config(args) -> ExtremaConfig:
         overrides["mask_ratio"] = args.mask_ratio
     if args.num_masks is not None:
         overrides["num_masks"] = args.num_masks
-    if args.loss is not None:
-        overrides["loss"] = args.loss
+    for field_name in ("loss", "head_norm", "target_centering"):
+        if getattr(args, field_name) is not None:
+            overrides[field_name] = getattr(args, field_name)
     try:
         if args.model_config in PRESETS:
             return ExtremaConfig.from_preset(args.model_config, **overrides)
@@ -1177,10 +1211,22 @@ def plan_schedule(args, num_examples: int | None, world_size: int) -> Schedule:
     )
 
 
+def bf16_is_native() -> bool:
+    """Whether bf16 autocast runs on bf16 hardware: a CUDA GPU that has it, or a CPU with bf16 dot products
+    (AVX512-BF16 or AMX). Elsewhere bf16 is emulated: measured 3.4x slower than float32 on an Intel Xeon without it."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: assume emulated
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def make_accelerator(args) -> Accelerator:
     mixed_precision = args.mixed_precision
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        mixed_precision = "bf16" if bf16_is_native() else "no"
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -1203,10 +1249,14 @@ def make_accelerator(args) -> Accelerator:
     return accelerator
 
 
-def forward_backward(accelerator, model, batches, accumulation_steps: int) -> torch.Tensor:
-    """The micro-batches of one optimizer step: gradients accumulate in the parameters; returns the mean loss."""
+def forward_backward(accelerator, model, batches, accumulation_steps: int, measure_collapse: bool = False):
+    """The micro-batches of one optimizer step: gradients accumulate in the parameters.
+
+    Returns the mean loss and, with `measure_collapse`, the collapse statistics of the last micro-batch's targets and
+    predictions (device tensors, see `modeling_extrema.collapse_statistics`), else None.
+    """
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, collapse = torch.zeros((), device=device), None
     for micro_step in range(accumulation_steps):
         batch = next(batches)
         noise = batch["noise"].to(device, non_blocking=True)
@@ -1220,10 +1270,16 @@ def forward_backward(accelerator, model, batches, accumulation_steps: int) -> to
         last = micro_step == accumulation_steps - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
-                loss = model(**inputs).loss
-            accelerator.backward(loss / accumulation_steps)
-        loss_sum += loss.detach()
-    return loss_sum / accumulation_steps
+                outputs = model(**inputs)
+            accelerator.backward(outputs.loss / accumulation_steps)
+        loss_sum += outputs.loss.detach()
+        if measure_collapse and last:
+            collapse = {
+                f"collapse/{branch}_{name}": value
+                for branch, vectors in (("target", outputs.targets), ("prediction", outputs.predictions))
+                for name, value in collapse_statistics(vectors).items()
+            }
+    return loss_sum / accumulation_steps, collapse
 
 
 def evaluate_knn(accelerator, backbone, builder, args, image_size: int, step: int) -> dict | None:
@@ -1242,6 +1298,26 @@ def evaluate_knn(accelerator, backbone, builder, args, image_size: int, step: in
     return result
 
 
+# Thresholds of `warn_on_collapse`. Targets spread over the sphere have mean cosine ~0 and normalised std ~1.
+COLLAPSE_MEAN_COSINE = 0.8
+COLLAPSE_STD = 0.3
+
+
+def warn_on_collapse(logs: dict, step: int, warned: bool) -> bool:
+    """Warn once when the teacher's targets crowd into one direction; returns whether a warning was given."""
+    cosine, std = logs.get("collapse/target_mean_cosine"), logs.get("collapse/target_std")
+    if warned or cosine is None or (cosine < COLLAPSE_MEAN_COSINE and std > COLLAPSE_STD):
+        return warned
+    logger.warning(
+        "step %d: the teacher's projections are collapsing (mean pairwise cosine %.2f, normalised std %.2f; spread "
+        "targets give ~0 and ~1). BYOL then regresses a near-constant target and the features stop separating "
+        "images. Try --target_centering batch, --head_norm batchnorm, a lower --ema_momentum or --loss infonce "
+        "(README, 'When BYOL collapses').",
+        step, cosine, std,
+    )  # fmt: skip
+    return True
+
+
 def recipe_summary(args, config, schedule: Schedule) -> dict:
     """The settings of a run, for the log and the model card."""
     return {
@@ -1254,6 +1330,7 @@ def recipe_summary(args, config, schedule: Schedule) -> dict:
         "learning rate": f"{args.learning_rate:g} x batch / 256 = {schedule.peak_lr:.3g}, "
         f"{schedule.warmup_steps} warm-up steps, cosine",
         "teacher momentum": f"{args.ema_momentum} -> 1 (cosine)",
+        "teacher's initialisation left at the end": f"{teacher_init_share(schedule.total_steps, args.ema_momentum):.1%}",
         "masking": f"{config.mask_ratio:.0%} x {config.num_masks} masks",
         "loss": config.loss,
         "augmentation": args.augmentation,
@@ -1299,12 +1376,17 @@ def main(argv=None):
     set_seed(args.seed)
     config = build_config(args)
     model = ExtremaForPreTraining(config)
+    if config.head_norm == "batchnorm" and world_size > 1:
+        if device.type == "cuda":  # one set of head statistics over the global batch, as in one process (MoCo v3)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            logger.warning("BatchNorm heads on %d CPU processes use per-process batch statistics.", world_size)
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16":
         model.set_attn_implementation("eager")  # CPU sdpa is slow on short bf16 sequences (1.3x step here)
     # the fused kernel: one pass over all parameters, not one per tensor (6x faster AdamW step on a CPU here)
     fused = accelerator.device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(
-        param_groups(model, args.weight_decay),
+        param_groups(model, args.weight_decay, args.predictor_lr_multiplier),
         lr=schedule.peak_lr,
         betas=(args.adam_beta1, args.adam_beta2),
         fused=fused,
@@ -1326,6 +1408,13 @@ def main(argv=None):
             logger.info("Resumed from %s at step %d (epoch %d).", folder, step, position.epoch)
 
     recipe = recipe_summary(args, config, schedule)
+    init_share = teacher_init_share(schedule.total_steps, args.ema_momentum)
+    if init_share > 0.1:
+        logger.warning(
+            "With --ema_momentum %s over %d steps the final teacher (the network that kNN scores and the export "
+            "saves) is still %.0f%% its random initialisation; lower --ema_momentum (e.g. 0.99) for a run this short.",
+            args.ema_momentum, schedule.total_steps, 100 * init_share,
+        )  # fmt: skip
     logger.info(
         "%d steps of %d images (%d processes x %d x %d accumulation), %d per epoch of %s images; %s",
         schedule.total_steps, schedule.total_batch, world_size, schedule.per_device_batch,
@@ -1345,7 +1434,7 @@ def main(argv=None):
         disable=not accelerator.is_main_process,
         mininterval=0.1 if sys.stderr.isatty() else 60,  # job logs get a line a minute, not every redraw
     )
-    first_step, logged_step, tick = step, step, time.perf_counter()
+    first_step, logged_step, tick, collapse_warning = step, step, time.perf_counter(), False
     batches, loss = None, None
     while step < schedule.total_steps:
         epoch = step // schedule.steps_per_epoch
@@ -1357,8 +1446,9 @@ def main(argv=None):
         lr = get_lr(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, args.min_learning_rate)
         momentum = get_momentum(step, schedule.total_steps, args.ema_momentum)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = forward_backward(accelerator, model, batches, args.gradient_accumulation_steps)
+            group["lr"] = lr * group["lr_scale"]
+        log_now = (step + 1) % args.logging_steps == 0 or step + 1 == schedule.total_steps
+        loss, collapse = forward_backward(accelerator, model, batches, args.gradient_accumulation_steps, log_now)
         loss = accelerator.reduce(loss, "mean").item()  # the same value on every rank: they stop together
         if not math.isfinite(loss):
             folder = output_dir / f"nonfinite-step-{step}"
@@ -1367,7 +1457,6 @@ def main(argv=None):
                 f"The loss is {loss} at step {step} (lr {lr:.3g}). The state before this step is saved in "
                 f"{folder} for debugging; lower --learning_rate, set --max_grad_norm, or use --mixed_precision no."
             )
-        log_now = (step + 1) % args.logging_steps == 0 or step + 1 == schedule.total_steps
         grad_norm = None
         if args.max_grad_norm or log_now:  # the norm costs a pass over the gradients: only when needed
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf).item()
@@ -1388,10 +1477,12 @@ def main(argv=None):
                 "train/images_per_second": images_per_second,
                 "train/epoch": step / schedule.steps_per_epoch,
                 "data/skipped_images": sum(position.skipped_images.values()),
+                **{name: accelerator.reduce(value, "mean").item() for name, value in collapse.items()},
             }
             if device.type == "cuda":
                 logs["train/max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             accelerator.log(logs, step=step)
+            collapse_warning = warn_on_collapse(logs, step, collapse_warning)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
             if not sys.stderr.isatty():  # a job's log file: a line per logging step, not a progress bar's redraws
                 logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if v is not None))

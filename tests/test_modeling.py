@@ -17,6 +17,7 @@ from modeling_extrema import (
     ExtremaForPreTraining,
     ExtremaModel,
     byol_loss,
+    collapse_statistics,
     infonce_loss,
 )
 
@@ -298,6 +299,65 @@ def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
     assert losses[-1] < losses[0]
 
 
+# ------------------------------------------------------------------------------------------- collapse and its fixes
+
+
+def test_collapse_statistics_of_spread_and_collapsed_batches():
+    one_direction = torch.randn(1, 64).expand(32, -1) * torch.rand(32, 1)  # same direction, any length
+    stats = collapse_statistics(one_direction)
+    assert stats["mean_cosine"].item() == pytest.approx(1.0, abs=1e-5) and stats["std"].item() == pytest.approx(0.0, abs=1e-3)
+    basis = torch.eye(16)  # pairwise orthogonal: mean cosine 0
+    assert collapse_statistics(basis)["mean_cosine"].item() == pytest.approx(0.0, abs=1e-6)
+    spread = collapse_statistics(torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)))
+    assert abs(spread["mean_cosine"].item()) < 0.01 and spread["std"].item() == pytest.approx(1.0, abs=0.02)
+    # the closed form equals the mean over distinct pairs written out
+    z = F.normalize(torch.randn(10, 8), dim=-1)
+    cosines = z @ z.T
+    expected = (cosines.sum() - cosines.diagonal().sum()) / (10 * 9)
+    torch.testing.assert_close(collapse_statistics(z)["mean_cosine"], expected)
+
+
+def test_target_centering_removes_the_shared_direction(tiny_config):
+    torch.manual_seed(0)
+    x = images(tiny_config, batch_size=6)
+    plain = ExtremaForPreTraining(tiny_config).train()
+    raw = plain(x).targets
+    batch = ExtremaForPreTraining(ExtremaConfig(**{**tiny_config.to_diff_dict(), "target_centering": "batch"}))
+    batch.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(batch.train()(x).targets, raw - raw.mean(0, keepdim=True))
+
+    ema_config = ExtremaConfig(**{**tiny_config.to_diff_dict(), "target_centering": "ema", "target_center_momentum": 0.9})
+    ema = ExtremaForPreTraining(ema_config)
+    ema.load_state_dict(plain.state_dict(), strict=False)  # the centre starts at 0
+    first = ema.train()(x).targets
+    torch.testing.assert_close(first, raw)  # centred by the initial centre, 0
+    torch.testing.assert_close(ema.target_center, 0.1 * raw.mean(0, keepdim=True))
+    second = ema(x).targets
+    torch.testing.assert_close(second, raw - 0.1 * raw.mean(0, keepdim=True))
+    torch.testing.assert_close(ema.target_center, 0.19 * raw.mean(0, keepdim=True))
+    ema.eval()(x)  # evaluation does not move the centre
+    torch.testing.assert_close(ema.target_center, 0.19 * raw.mean(0, keepdim=True))
+    assert "target_center" in ema.state_dict() and "target_center" not in plain.state_dict()  # saved and resumed
+
+
+def test_batchnorm_heads_use_batch_statistics_in_both_branches(tiny_config):
+    config = ExtremaConfig(**{**tiny_config.to_diff_dict(), "head_norm": "batchnorm"})
+    torch.manual_seed(0)
+    model = ExtremaForPreTraining(config).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 2 + 2 + 1 and not any(isinstance(m, torch.nn.LayerNorm) for m in model.predictor.modules())
+    x = images(config, batch_size=4)
+    out = model(x)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    # the teacher's projector normalises with the statistics of the batch it sees, like the student's (BYOL)
+    features = model.teacher(x).pooler_output
+    hidden = model.teacher_projector[0](features)
+    torch.testing.assert_close(model.teacher_projector[1](hidden).mean(0), torch.zeros(hidden.shape[1]), atol=1e-5, rtol=0)
+    # one set of statistics over all masked views of the step: (num_masks * B) rows normalised together
+    assert model.student_projector[1].num_batches_tracked.item() == 1
+
+
 # -------------------------------------------------------------------------------------------------- classification
 
 
@@ -409,6 +469,9 @@ def test_feature_extraction_pipeline(tiny_config, tmp_path):
         ({"mask_ratio": -0.1}, r"mask_ratio must be in \[0, 1\)"),
         ({"num_masks": 5}, "disjoint masks"),
         ({"loss": "mse"}, "loss must be"),
+        ({"head_norm": "groupnorm"}, "head_norm must be"),
+        ({"target_centering": "mean"}, "target_centering must be"),
+        ({"target_center_momentum": 1.0}, r"target_center_momentum must be in \[0, 1\)"),
     ],
 )
 def test_bad_config_raises_a_clear_error(tiny_config, overrides, message):

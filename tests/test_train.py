@@ -28,7 +28,8 @@ from modeling_extrema import ExtremaForPreTraining, ExtremaModel
 REPO = Path(__file__).resolve().parents[1]
 
 # a few optimizer steps of the tiny network on 32 px images, without kNN or trackers
-FAST = ["--report_to", "none", "--skip_knn", "--per_device_train_batch_size", "8", "--drop_path_rate", "0"]
+FAST = ["--report_to", "none", "--skip_knn", "--per_device_train_batch_size", "8", "--drop_path_rate", "0",
+        "--mixed_precision", "no"]  # float32 on every CPU (auto picks bf16 where the CPU has it)
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +94,21 @@ def test_schedules():
     assert te.get_momentum(100, 100, 0.996) == pytest.approx(1.0)
 
 
+def test_teacher_init_share_is_the_product_of_the_momenta():
+    model = ExtremaForPreTraining(ExtremaConfig.from_preset("tiny"))
+    initial = [p.clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.zero_()
+    for step in range(50):  # a student at 0: the teacher's weights shrink by exactly the kept share
+        model.update_teacher(te.get_momentum(step, 50, 0.9))
+    share = te.teacher_init_share(50, 0.9)
+    for before, after in zip(initial, model.teacher.parameters()):
+        torch.testing.assert_close(after, before * share)
+    assert te.teacher_init_share(585, 0.996) == pytest.approx(0.309, abs=1e-3)  # 3 CIFAR-10 epochs, paper momentum
+    assert te.teacher_init_share(585, 0.99) == pytest.approx(0.053, abs=1e-3)
+
+
 def test_plan_schedule_counts_epochs_in_steps():
     args = te.parse_args(["--train_dir", "x", "--total_batch_size", "2048", "--gradient_accumulation_steps", "2"])
     schedule = te.plan_schedule(args, num_examples=1_281_167, world_size=8)
@@ -122,6 +138,36 @@ def test_weight_decay_only_on_weight_matrices_of_the_student():
     assert not any(n.startswith(("teacher.", "teacher_projector.")) for n in decayed | not_decayed)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert decayed | not_decayed == trainable
+
+
+def test_predictor_lr_multiplier_scales_only_the_predictor():
+    model = ExtremaForPreTraining(ExtremaConfig.from_preset("tiny"))
+    groups = te.param_groups(model, 0.1, predictor_lr_multiplier=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        in_predictor = {names[id(p)].startswith("predictor.") for p in group["params"]}
+        assert in_predictor == {group["lr_scale"] == 10.0}
+        decayed = {p.ndim >= 2 and not names[id(p)].endswith("cls_token") for p in group["params"]}
+        assert decayed == {group["weight_decay"] == 0.1}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    assert {g["lr_scale"] for g in te.param_groups(model, 0.1)} == {1.0}
+
+
+def test_collapse_warning_says_what_to_try(caplog):
+    spread = {"collapse/target_mean_cosine": 0.1, "collapse/target_std": 0.9}
+    assert te.warn_on_collapse(spread, 10, warned=False) is False and not caplog.records
+    collapsed = {"collapse/target_mean_cosine": 0.95, "collapse/target_std": 0.2}
+    assert te.warn_on_collapse(collapsed, 20, warned=False) is True
+    assert "collapsing" in caplog.text and "--target_centering" in caplog.text
+    caplog.clear()
+    assert te.warn_on_collapse(collapsed, 30, warned=True) is True and not caplog.records  # once per run
+
+
+@pytest.mark.parametrize("flags", ["AVX512F AVX512_BF16", "avx512f avx512_bf16", "amx_bf16 amx_tile", "avx2 avx512f"])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, flags):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"processor : 0\nflags : {flags.lower()}\n")
+    assert te.bf16_is_native() == ("bf16" in flags.lower())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,8 +511,12 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, color):
     assert resumed["loss"] == pytest.approx(one_go["loss"], abs=1e-6)
 
 
-def test_two_processes_train_the_same_model_as_one(tmp_path):
-    """2 gloo processes x batch 4 == 1 process x batch 8: the same loss and weights.
+@pytest.mark.parametrize(
+    "fix", [[], ["--target_centering", "ema"]], ids=["official", "ema_centred"]
+)
+def test_two_processes_train_the_same_model_as_one(tmp_path, fix):
+    """2 gloo processes x batch 4 == 1 process x batch 8: the same loss and weights (and, centred, the same centre:
+    the batch mean of the targets is all-reduced).
 
     One Parquet shard cannot be split by shards, so rank r reads rows r, r + 2, ...: the union of the two ranks'
     batches is the 1-process batch, and the augmentations and masks follow each image, not the process. Equal
@@ -477,7 +527,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     write_image_parquet(tmp_path / "data", num_images=48, num_shards=1)
     argv = FAST + ["--train_dir", str(tmp_path / "data"), "--max_train_steps", "3", "--num_workers", "0",
                    "--shuffle_buffer_size", "0", "--learning_rate", "1e-2", "--warmup_steps", "1",
-                   "--total_batch_size", "8"]  # fmt: skip
+                   "--total_batch_size", "8", *fix]  # fmt: skip
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     # gloo picks its network interface from the host name, which fails on some machines: use the loopback
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath,
@@ -485,7 +535,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     logs = {}
     for processes in (1, 2):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29517 + processes), str(REPO / "train_extrema.py"), *argv,
+                   "--master_port", str(29517 + processes + 2 * len(fix)), str(REPO / "train_extrema.py"), *argv,
                    "--output_dir", str(tmp_path / f"{processes}")]  # fmt: skip
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -529,6 +579,13 @@ def test_trains_on_cifar10_with_knn_tensorboard_and_upload(tmp_path, cifar10_dir
             "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "me/extrema-cifar"]  # fmt: skip
     result = te.main(argv)
     assert result["num_examples"] == 50_000 and result["steps_per_epoch"] == 50_000 // 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "out" / "logs").rglob("events.out.tfevents.*")))).Reload()
+    logged = set(events.Tags()["scalars"])
+    assert {f"collapse/{b}_{m}" for b in ("target", "prediction") for m in ("mean_cosine", "std")} <= logged
+    cosine = events.Scalars("collapse/target_mean_cosine")[-1].value
+    assert -1 <= cosine <= 1
     assert 0 <= result["knn_start"]["top1"] <= 100 and result["knn_end"]["top5"] >= result["knn_end"]["top1"]
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
     card = (tmp_path / "out" / "final" / "README.md").read_text()
@@ -549,7 +606,7 @@ def test_export_loads_with_automodel_in_a_fresh_process(tmp_path):
     backbone = ExtremaModel(ExtremaConfig.from_preset("tiny")).eval()
     folder = te.export_backbone(
         backbone, tmp_path / "export", model_id="me/extrema-tiny", datasets=["uoft-cs/cifar10"],
-        recipe={"masking": "75% x 2"}, knn={"top1": 61.25, "top5": 95.5, "k": 20},
+        recipe={"masking": "75% x 2", "epochs / steps": "0.801282 / 375"}, knn={"top1": 61.25, "top5": 95.5, "k": 20},
     )  # fmt: skip
     pixel_values = torch.randn(2, 3, 32, 32)
     torch.save(pixel_values, tmp_path / "x.pt")
@@ -583,3 +640,7 @@ def test_export_loads_with_automodel_in_a_fresh_process(tmp_path):
     assert card.data.license == "apache-2.0" and card.data.datasets == ["uoft-cs/cifar10"]
     assert "extrema" in card.data.tags
     assert "61.25%" in card.text and "75% x 2" in card.text and 'from_pretrained("me/extrema-tiny"' in card.text
+    assert "| 0.801 / 375 |" in card.text  # long decimals are rounded in the recipe table
+    (knn,) = card.data.eval_results  # model-index metadata: the Hub shows the kNN top-1 beside the model
+    assert (knn.metric_value, knn.metric_type, knn.dataset_type) == (61.25, "accuracy", "uoft-cs/cifar10")
+    assert knn.task_type == "image-classification" and card.data.model_name == "ExtreMA 128-wide, 4-layer ViT/4"
