@@ -839,9 +839,11 @@ def export_backbone(backbone, output_dir, **card_fields) -> Path:
     The folder loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`: the model classes call
     `register_for_auto_class`, so the config gets an `auto_map` and the modeling code is copied beside the weights.
     Card fields (all optional): model_id (used in the usage snippet), datasets (list), recipe (dict or str),
-    knn (dict with top1/top5 and optionally k, split), tags (list), description (str).
+    knn (dict with top1/top5 and optionally k, temperature, split, dataset), tags (list), description (str).
+    The kNN top-1 also goes into the card's metadata as a model-index result (the Hub shows it beside the model) when
+    its dataset is a Hub id: knn["dataset"], else the first of `datasets`.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
     from transformers import ViTImageProcessor
 
     output_dir = Path(output_dir)
@@ -851,19 +853,47 @@ def export_backbone(backbone, output_dir, **card_fields) -> Path:
         size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
     )
     processor.save_pretrained(output_dir)
+
+    text = model_card_text(backbone.config, **card_fields)
+    knn, datasets = card_fields.get("knn"), card_fields.get("datasets") or None
+    knn_dataset = knn and (knn.get("dataset") or (datasets or [None])[0])
+    eval_results = None
+    if knn_dataset:  # a kNN classifier on the frozen pooler_output: image classification, scored by accuracy
+        k, temperature = knn.get("k", 200), knn.get("temperature", 0.07)
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image classification (weighted kNN on frozen features)",
+                dataset_type=knn_dataset,
+                dataset_name=knn_dataset,
+                dataset_split=knn.get("split"),
+                metric_type="accuracy",
+                metric_name=f"kNN top-1 accuracy (k={k}, T={temperature})",
+                metric_value=round(float(knn["top1"]), 2),
+                metric_args={"k": k, "temperature": temperature},
+            )
+        ]
     card_data = ModelCardData(
+        model_name=text.partition("\n")[0].removeprefix("# ") if eval_results else None,  # the card's title
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
         license="apache-2.0",
         tags=["extrema", "vision", "self-supervised-learning", "masked-image-modeling", *card_fields.get("tags", [])],
-        datasets=card_fields.get("datasets") or None,
+        datasets=datasets,
+        eval_results=eval_results,
     )
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{model_card_text(backbone.config, **card_fields)}")
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{text}")
     card.save(output_dir / "README.md")
     return output_dir
 
 
 def model_card_text(config, model_id=None, datasets=None, recipe=None, knn=None, description=None, **_) -> str:
+    """The card's Markdown below the metadata: title, description, recipe table, kNN result, usage, citation."""
+    import re
+
+    def readable(value) -> str:  # long decimals to 3 significant digits: 375 / 468 steps shows 0.801 epochs
+        return re.sub(r"\d+\.\d{5,}", lambda number: f"{float(number[0]):.{max(3, number[0].index('.'))}g}", str(value))
+
     model_id = model_id or "path/to/this/folder"
     lines = [
         f"# ExtreMA {config.hidden_size}-wide, {config.num_hidden_layers}-layer ViT/{config.patch_size}",
@@ -884,9 +914,9 @@ def model_card_text(config, model_id=None, datasets=None, recipe=None, knn=None,
     if recipe:
         lines += ["## Training recipe", ""]
         if isinstance(recipe, dict):
-            lines += ["| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in recipe.items()]]
+            lines += ["| setting | value |", "|---|---|", *[f"| {k} | {readable(v)} |" for k, v in recipe.items()]]
         else:
-            lines += [str(recipe)]
+            lines += [readable(recipe)]
         lines += [""]
     if knn:
         where = f" on {knn['split']}" if knn.get("split") else ""
