@@ -4,8 +4,18 @@
         --output_dir eval/linear --num_train_epochs 90 --batch_size 256
 
 The backbone is frozen; a non-affine BatchNorm then a linear layer are trained on its class token
-(`ExtremaForImageClassification` with classifier_pooling="cls"). The official recipe: LARS, base lr 0.1 x batch / 256,
-no weight decay, momentum 0.9, 10 warm-up epochs then cosine decay, 90 epochs, RandomResizedCrop + flip.
+(`ExtremaForImageClassification` with classifier_pooling="cls"). Two protocols (--protocol; any flag given on the
+command line overrides its protocol's value):
+
+- `small` (the default): SGD with momentum 0.9, base lr 0.1 x batch / 256, no weight decay, 1 warm-up epoch then
+  cosine decay, 90 epochs, RandomResizedCrop + flip, every batch an optimizer step. It learns in a few hundred steps
+  of a few thousand images, as in a CPU run or a quick check of a checkpoint.
+- `paper`: the official recipe (Table 14): LARS, base lr 0.1 x 4096 / 256, no weight decay, momentum 0.9, total batch
+  4096 (gradients of --batch_size batches are accumulated up to it), 10 warm-up epochs then cosine decay, 90 epochs,
+  RandomResizedCrop + flip. LARS moves each weight matrix by trust (0.001) x lr of its norm per step, so it needs the
+  large lr that the large batch gives (MAE's probe: batch 16384, lr 6.4) and thousands of steps: at batch 256 (lr 0.1)
+  the probe stays near chance for hundreds of steps.
+
 The trained probe is saved to <output_dir>/probe (a classifier that loads with from_pretrained).
 """
 
@@ -18,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from _eval_common import (
+    UsageError,
     add_eval_args,
     build_classifier,
     evaluate,
@@ -60,25 +71,56 @@ class LARS(torch.optim.Optimizer):
                 p.add_(momentum, alpha=-group["lr"])
 
 
+# Values of the flags under each --protocol (flags given on the command line win)
+PROTOCOLS = {
+    "small": dict(optimizer="sgd", base_learning_rate=0.1, weight_decay=0.0, momentum=0.9, total_batch_size=None,
+                  num_train_epochs=90, warmup_epochs=1, augmentation="crop"),
+    "paper": dict(optimizer="lars", base_learning_rate=0.1, weight_decay=0.0, momentum=0.9, total_batch_size=4096,
+                  num_train_epochs=90, warmup_epochs=10, augmentation="crop"),
+}  # fmt: skip
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser, batch_size=256)
-    parser.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
-    parser.add_argument("--base_learning_rate", type=float, default=0.1, help="lr = base lr x total batch / 256")
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--num_train_epochs", type=int, default=90)
-    parser.add_argument("--warmup_epochs", type=float, default=10)
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="small", help="see above; default: small")
+    parser.add_argument("--optimizer", choices=("lars", "sgd"))
+    parser.add_argument("--base_learning_rate", type=float, help="lr = base lr x total batch / 256")
+    parser.add_argument("--weight_decay", type=float)
+    parser.add_argument("--momentum", type=float)
     parser.add_argument(
-        "--augmentation", choices=("crop", "none"), default="crop", help="crop: RandomResizedCrop + flip (official)"
+        "--total_batch_size",
+        type=int,
+        help="images per optimizer step, a multiple of --batch_size x processes: gradients are accumulated up to it "
+        "(default: --batch_size x processes)",
     )
+    parser.add_argument("--num_train_epochs", type=int)
+    parser.add_argument("--warmup_epochs", type=float)
+    parser.add_argument("--augmentation", choices=("crop", "none"), help="crop: RandomResizedCrop + flip (official)")
     parser.add_argument("--num_labels", type=int, help="number of classes (default: read from the dataset)")
+    args = parser.parse_args(argv)
+    parser.set_defaults(**PROTOCOLS[args.protocol])
     return parser.parse_args(argv)
+
+
+def accumulation_steps(total_batch_size: int | None, batch_size: int, num_processes: int) -> int:
+    """Batches whose gradients make one optimizer step: total_batch_size / (batch_size x num_processes)."""
+    per_step = batch_size * num_processes
+    if total_batch_size is None:
+        return 1
+    if total_batch_size % per_step:
+        raise UsageError(
+            f"--total_batch_size {total_batch_size} is not a multiple of --batch_size x processes = {per_step}."
+        )
+    return total_batch_size // per_step
 
 
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator()
+    accelerator.gradient_accumulation_steps = accumulation_steps(
+        args.total_batch_size, args.batch_size, accelerator.num_processes
+    )
     set_seed(args.seed)
     backbone = load_extrema(args.model_name_or_path)
     image_size = backbone.config.image_size
@@ -99,7 +141,7 @@ def main(argv=None):
     train_loader = labelled_loader(args, args.train_split, train_transform, args.max_train_samples, shuffle=True)
     eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
 
-    total_batch = args.batch_size * accelerator.num_processes
+    total_batch = args.batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
     peak_lr = args.base_learning_rate * total_batch / 256
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "lars":
@@ -126,7 +168,10 @@ def main(argv=None):
         "eval_split": validation_split,
         "num_train": num_train,
         "num_labels": num_labels,
+        "protocol": args.protocol,
         "optimizer": args.optimizer,
+        "total_batch": total_batch,
+        "warmup_epochs": args.warmup_epochs,
         "epochs": args.num_train_epochs,
         "steps": step,
         "peak_lr": peak_lr,

@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO_ROOT
 
@@ -165,6 +166,55 @@ def test_linear_probe_learns_separable_classes(model_dir, colors_dir, tmp_path):
     probe = AutoModelForImageClassification.from_pretrained(tmp_path / "probe", trust_remote_code=True)
     backbone = load_extrema(str(model_dir))
     torch.testing.assert_close(probe.extrema.state_dict(), backbone.state_dict())
+
+
+def test_default_probe_learns_in_few_steps_where_small_batch_lars_cannot(model_dir, colors_dir, tmp_path):
+    short = ["--batch_size", "16", "--num_train_epochs", "4", "--augmentation", "none"]  # 12 steps
+    results = eval_linear.main(common(model_dir, colors_dir, tmp_path / "small") + short)
+    assert (results["protocol"], results["optimizer"], results["steps"]) == ("small", "sgd", 12)
+    assert results["top1"] == 100.0 and results["final_train_loss"] < 0.5 * math.log(3)
+    # the paper's optimizer at the same batch and schedule: LARS moves the weights by 0.001 x lr of their norm per
+    # step, so the logits stay near 0 and the loss near chance (ln 3), as the old defaults did
+    lars = eval_linear.main(common(model_dir, colors_dir, tmp_path / "lars") + short + ["--optimizer", "lars"])
+    assert lars["final_train_loss"] > 0.9 * math.log(3)
+
+
+def test_paper_protocol_accumulates_gradients_up_to_its_total_batch(model_dir, colors_dir, tmp_path):
+    args = common(model_dir, colors_dir, tmp_path) + ["--protocol", "paper", "--batch_size", "16",
+                                                      "--num_train_epochs", "2", "--augmentation", "none"]  # fmt: skip
+    results = eval_linear.main(args + ["--total_batch_size", "48"])
+    assert (results["optimizer"], results["warmup_epochs"], results["total_batch"]) == ("lars", 10, 48)
+    assert results["steps"] == 2  # 48 images: one optimizer step per epoch, over 3 batches
+    assert results["peak_lr"] == pytest.approx(0.1 * 48 / 256)
+    overridden = eval_linear.parse_args(args + ["--optimizer", "sgd"])  # flags given explicitly win
+    assert (overridden.optimizer, overridden.base_learning_rate, overridden.num_train_epochs) == ("sgd", 0.1, 2)
+    with pytest.raises(UsageError, match="multiple of --batch_size"):
+        eval_linear.main(args + ["--total_batch_size", "40"])
+
+
+def test_training_loop_accumulated_batches_make_the_step_of_one_large_batch():
+    from accelerate import Accelerator
+    from _eval_common import train_classifier
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"pixel_values": torch.randn(4, generator=generator), "label": i % 3} for i in range(48)]
+
+    def train(batch_size: int, accumulation: int):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+        loader = torch.utils.data.DataLoader(rows, batch_size=batch_size)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        steps, _ = train_classifier(
+            model, optimizer, loader, accelerator, num_epochs=2, total_steps=2, lr_at=lambda step: 0.5 * (step + 1),
+            loss_fn=lambda model, batch: F.cross_entropy(model(batch["pixel_values"]), batch["label"]),
+        )  # fmt: skip
+        return steps, accelerator.unwrap_model(model).weight.detach()
+
+    one_batch, accumulated = train(48, 1), train(16, 3)
+    assert one_batch[0] == accumulated[0] == 2
+    torch.testing.assert_close(accumulated[1], one_batch[1])
 
 
 def test_lars_rescales_weight_steps_by_the_trust_ratio():
