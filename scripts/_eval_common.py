@@ -308,14 +308,70 @@ def draw_box(image: torch.Tensor, box, color, width: int = 2) -> torch.Tensor:
 GRID_PADDING = 2
 
 
-def save_grid(panels: list[torch.Tensor], path, ncols: int) -> tuple[int, int]:
-    """Save equal-size (3, S, S) panels as one PNG, row by row; returns (width, height) in pixels.
+def wrap_text(text: str, font, width: float) -> list[str]:
+    """Greedy word wrap of `text` into lines at most `width` pixels wide in `font` (a longer word stays whole)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            if line and font.getlength(f"{line} {word}") > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+    return lines
 
-    The size is ncols * (S + 2) + 2 by nrows * (S + 2) + 2 (a 2-pixel white gap around every panel).
+
+def text_band(width: int, blocks, font) -> torch.Tensor:
+    """A white (3, h, width) strip of text. blocks: (x, max width, text, colour or None) each wrapped into its column
+    from the top; a colour puts a square swatch of it before the text (a legend entry)."""
+    import PIL.Image
+    import PIL.ImageDraw
+
+    line_height, swatch = round(font.size * 1.25), font.size
+    wrapped = [(x, wrap_text(text, font, max_width - (swatch + 4 if color else 0)), color)
+               for x, max_width, text, color in blocks]  # fmt: skip
+    height = max((len(lines) for _, lines, _ in wrapped if any(lines)), default=0) * line_height
+    band = PIL.Image.new("RGB", (width, height + 4 if height else 0), "white")
+    draw = PIL.ImageDraw.Draw(band)
+    for x, lines, color in wrapped:
+        if color:
+            draw.rectangle((x, 4, x + swatch - 1, 3 + swatch), fill=tuple(round(255 * c) for c in color))
+            x += swatch + 4
+        for i, line in enumerate(lines):
+            draw.text((x, 2 + i * line_height), line, fill="black", font=font)
+    return v2.functional.to_dtype(v2.functional.to_image(band), torch.float32, scale=True)
+
+
+def save_grid(panels: list[torch.Tensor], path, ncols: int, title: str, captions=(), legend=()) -> tuple[int, int]:
+    """Save equal-size (3, S, S) panels as one PNG that explains itself; returns (width, height) in pixels.
+
+    From the top: `title`, then the panels row by row with a 2-pixel white gap around each (ncols * (S + 2) + 2
+    pixels wide), each row above the captions of its panels (`captions[i]` under panel i, "" for none), then the
+    `legend`: (colour or None, text) entries, one per line, a colour drawn as a swatch.
     """
-    grid = make_grid(torch.stack(panels), nrow=ncols, padding=GRID_PADDING, pad_value=1.0)
-    save_image(grid, path)
-    return grid.shape[2], grid.shape[1]
+    import PIL.ImageFont
+
+    size = panels[0].shape[-1]
+    font = PIL.ImageFont.load_default(size=min(16, max(10, size // 14)))
+    title_font = PIL.ImageFont.load_default(size=font.size + 2)
+    width = ncols * (size + GRID_PADDING) + GRID_PADDING
+    strips = [text_band(width, [(GRID_PADDING, width - 2 * GRID_PADDING, title, None)], title_font)]
+    captions = list(captions) + [""] * (len(panels) - len(captions))
+    for start in range(0, len(panels), ncols):
+        row = panels[start : start + ncols]
+        row = row + [torch.ones_like(panels[0])] * (ncols - len(row))
+        strips.append(make_grid(torch.stack(row), nrow=ncols, padding=GRID_PADDING, pad_value=1.0))
+        strips.append(
+            text_band(width, [(GRID_PADDING + i * (size + GRID_PADDING), size, caption, None)
+                              for i, caption in enumerate(captions[start : start + ncols])], font)
+        )  # fmt: skip
+    for color, text in legend:
+        strips.append(text_band(width, [(GRID_PADDING, width - 2 * GRID_PADDING, text, color)], font))
+    picture = torch.cat(strips, dim=1)  # (3, H, width)
+    save_image(picture, path)
+    return picture.shape[2], picture.shape[1]
 
 
 COLORS = [(1.0, 0.1, 0.1), (0.1, 0.8, 0.1), (0.2, 0.4, 1.0), (0.9, 0.1, 0.9), (0.0, 0.9, 0.9), (1.0, 0.5, 0.0)]

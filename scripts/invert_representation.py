@@ -107,7 +107,7 @@ def main(argv=None):
     original = denormalize(pixel_values)
     grid, patch = config.image_size // config.patch_size, config.patch_size
 
-    panels, per_ratio = [], []
+    panels, captions, per_ratio = [], [], []
     for ratio in args.mask_ratios:
         num_visible = max(1, int(grid * grid * (1 - ratio)))  # the model's rounding (39 of 196 at 80%)
         noise = torch.rand(grid * grid, generator=torch.Generator().manual_seed(args.seed))
@@ -129,10 +129,27 @@ def main(argv=None):
                 "psnr_masked": psnr(reconstruction, original, 1 - visible),
             }
         )
+        captions += [
+            "original",
+            f"masked {ratio:.0%}: {num_visible} of {grid * grid} patches visible",
+            f"reconstruction: PSNR {per_ratio[-1]['psnr_visible']:.1f} dB on the visible patches, "
+            f"{per_ratio[-1]['psnr_masked']:.1f} dB on the masked",
+        ]
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    width, height = save_grid(panels, output_dir / "inversion.png", ncols=3)
+    width, height = save_grid(
+        panels,
+        output_dir / "inversion.png",
+        ncols=3,
+        title="Inversion of the distributed representation: an image optimised (deep image prior, "
+        f"{args.num_steps} steps) so that its patch tokens match those of the masked view; one row per masking ratio",
+        captions=captions,
+        legend=[
+            ((0.5, 0.5, 0.5), "grey: patches hidden from the model (it encoded the visible patches only)"),
+            (None, "reconstruction: no decoder was trained; the masked area shows what the visible tokens imply"),
+        ],
+    )
     results = {
         "model": str(args.model_name_or_path),
         "num_steps": args.num_steps,

@@ -152,6 +152,18 @@ def main(argv=None):
         frame(crop_panel(image, boxes[top], panel), GREEN),
         *[blank] * (columns - 3),
     ]
+    rank = {index: position + 1 for position, index in enumerate(ranking)}
+    if source is not None:
+        query_caption = f"query: box {source} shifted by {args.query_jitter:g} of its side"
+        red = f"red: the query (its box on the image) and gallery box {source}, which it was cut from"
+    else:
+        query_caption, red = "query: a crop of another image", "red: the query, a crop of another image"
+    captions = [
+        query_caption,
+        "the image: query box red, top match green" if source is not None else "the image: top match green",
+        f"top match: box {top}, cosine {similarity[top]:.3f}",
+        *[""] * (columns - 3),
+    ]
     for i, box in enumerate(boxes):
         crop = crop_panel(image, box, panel)
         if i == top:
@@ -159,11 +171,28 @@ def main(argv=None):
         elif i == source:
             crop = frame(crop, RED)
         panels.append(crop)
+        side = args.scales[i // args.num_locations]
+        captions.append(f"box {i}, side {side:g}: cosine {similarity[i]:.3f}, rank {rank[i]}")
         if (i + 1) % args.num_locations == 0:
             panels += [blank] * (columns - args.num_locations)
+            captions += [""] * (columns - args.num_locations)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    png_width, png_height = save_grid(panels, output_dir / "locality.png", ncols=columns)
+    png_width, png_height = save_grid(
+        panels,
+        output_dir / "locality.png",
+        ncols=columns,
+        title=f"Which crop of the image is nearest the query? {len(boxes)} gallery crops ranked by the cosine "
+        "similarity of their instance representation (pooler_output) to the query's",
+        captions=captions,
+        legend=[
+            (RED, red),
+            (GREEN, "green: the top match (its box on the image), the gallery crop most similar to the query"),
+            (None, f"rows 2-{len(args.scales) + 1}: the gallery, one box side per row ("
+             + ", ".join(f"{scale:g}" for scale in args.scales) + f" of the image's shorter side), "
+             f"{args.num_locations} random places each; rank 1 = most similar to the query"),
+        ],
+    )  # fmt: skip
 
     results = {
         "model": str(args.model_name_or_path),

@@ -35,6 +35,8 @@ from _eval_common import (
 )
 from train_extrema import build_eval_transform
 
+CLASS_COLOR = (1.0, 1.0, 0.0)  # yellow: the class-attention map
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,10 +97,29 @@ def main(argv=None):
         row, column = divmod(patch, grid)
         marked = draw_box(marked, (column * cell, row * cell, (column + 1) * cell, (row + 1) * cell), color)
         maps.append(frame(overlay(image, query_map, color), color))
-    panels = [marked, *maps, overlay(image, class_map, (1.0, 1.0, 0.0))]
+    panels = [marked, *maps, overlay(image, class_map, CLASS_COLOR)]
+    captions = [
+        "the image, query patches framed",
+        *[f"query {i + 1} at {query}: where its patch attends" for i, query in enumerate(args.queries)],
+        "class token: where it attends",
+    ]
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    width, height = save_grid(panels, output_dir / "attention.png", ncols=len(panels))
+    width, height = save_grid(
+        panels,
+        output_dir / "attention.png",
+        ncols=len(panels),
+        title=f"Attention in the last self-attention layer (layer {config.num_hidden_layers} of "
+        f"{config.num_hidden_layers}) and the last class-attention block, averaged over {config.num_attention_heads} "
+        "heads",
+        captions=captions,
+        legend=[
+            *[(COLORS[i % len(COLORS)], f"query {i + 1}: the patch at {query} (x, y as fractions of the image)")
+              for i, query in enumerate(args.queries)],
+            (CLASS_COLOR, "the class token's attention over the patches (the instance representation's pooling)"),
+            (None, "stronger colour = more attention; each map is rescaled from its own minimum to its maximum"),
+        ],
+    )  # fmt: skip
 
     results = {
         "model": str(args.model_name_or_path),

@@ -10,6 +10,7 @@ import sys
 import datasets
 import numpy as np
 import PIL.Image
+import PIL.ImageFont
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,13 @@ def png_size(path) -> tuple[int, int]:
 def grid_size(panel: int, columns: int, rows: int) -> tuple[int, int]:
     """Pixel size of a save_grid PNG: panels with a gap of GRID_PADDING around each."""
     return columns * (panel + GRID_PADDING) + GRID_PADDING, rows * (panel + GRID_PADDING) + GRID_PADDING
+
+
+def is_captioned_grid(path, grid: tuple[int, int]) -> bool:
+    """A save_grid PNG: as wide as its panel grid, taller (title, captions, legend), with a dark title on top."""
+    with PIL.Image.open(path) as image:
+        title_rows = np.asarray(image.convert("L"))[:8]
+        return image.width == grid[0] and image.height > grid[1] + 8 and title_rows.min() < 100
 
 
 def write_split(folder, split, images, labels=None, num_classes=3):
@@ -267,6 +275,16 @@ def test_finetuning_with_mixup_cutmix_and_randaugment(model_dir, colors_dir, tmp
 # -------------------------------------------------------------------------------------------------------- analyses
 
 
+def test_captions_wrap_within_their_panel():
+    from _eval_common import wrap_text
+
+    font = PIL.ImageFont.load_default(size=12)
+    text = "box 12, side 0.45: cosine 0.971, rank 13"
+    lines = wrap_text(text, font, 100)
+    assert len(lines) > 1 and all(font.getlength(line) <= 100 for line in lines) and " ".join(lines) == text
+    assert wrap_text("two\nlines", font, 1000) == ["two", "lines"]
+
+
 def test_attention_maps_are_distributions_over_the_patches(model_dir, colors_dir, tmp_path):
     args = common(model_dir, colors_dir, tmp_path) + ["--panel_size", "40", "--queries", "0,0", "1,1", "0.6,0.1"]
     results = visualize_attention.main(args)
@@ -277,7 +295,8 @@ def test_attention_maps_are_distributions_over_the_patches(model_dir, colors_dir
     torch.testing.assert_close(query_maps.sum(dim=(1, 2)), torch.ones(3))
     class_map = torch.tensor(results["class_attention"])
     assert class_map.shape == (4, 4) and 0 < class_map.sum() < 1  # the rest is the class token's self-attention
-    assert png_size(tmp_path / "attention.png") == tuple(results["png_size"]) == grid_size(40, columns=5, rows=1)
+    assert png_size(tmp_path / "attention.png") == tuple(results["png_size"])
+    assert is_captioned_grid(tmp_path / "attention.png", grid_size(40, columns=5, rows=1))
     with pytest.raises(UsageError, match="fractions"):
         visualize_attention.main(args[:-3] + ["1.5,0"])
 
@@ -291,7 +310,8 @@ def test_inversion_reduces_the_feature_loss(model_dir, colors_dir, tmp_path):
     for r in results["ratios"]:
         assert r["feature_loss_last_step"] < 0.5 * r["feature_loss_first_step"]
         assert math.isfinite(r["psnr_visible"]) and math.isfinite(r["psnr_masked"])
-    assert png_size(tmp_path / "inversion.png") == grid_size(32, columns=3, rows=2)
+    assert png_size(tmp_path / "inversion.png") == tuple(results["png_size"])
+    assert is_captioned_grid(tmp_path / "inversion.png", grid_size(32, columns=3, rows=2))
 
 
 def test_locality_retrieval_finds_the_box_the_query_was_cut_from(model_dir, colors_dir, tmp_path):
@@ -303,7 +323,8 @@ def test_locality_retrieval_finds_the_box_the_query_was_cut_from(model_dir, colo
     assert results["top_match_index"] == 7 and results["source_rank"] == 1
     assert results["similarities"][7] == pytest.approx(1.0, abs=1e-5)
     assert results["top_match_iou_with_query"] == pytest.approx(1.0)
-    assert png_size(tmp_path / "locality.png") == grid_size(24, columns=5, rows=6)
+    assert png_size(tmp_path / "locality.png") == tuple(results["png_size"])
+    assert is_captioned_grid(tmp_path / "locality.png", grid_size(24, columns=5, rows=6))
 
     shifted = locality_retrieval.main(args)  # shifted by 10% of the side: another crop, a known source
     assert shifted["query_box"] != results["query_box"] and shifted["query_source_index"] == 7
