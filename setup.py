@@ -24,7 +24,7 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest>=8"], "wandb": ["wandb"]},
+    extras_require={"test": ["pytest>=8", "matplotlib"], "plots": ["matplotlib"], "wandb": ["wandb"]},
     entry_points={"console_scripts": ["extrema-train=train_extrema:main"]},
     classifiers=[
         "License :: OSI Approved :: Apache Software License",

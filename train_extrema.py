@@ -1001,6 +1001,32 @@ RECIPES = {
         knn_train_samples=5_000,
         knn_val_samples=1_000,
     ),
+    # BYOL on CIFAR-10 at 32 px on a CPU (README, "When BYOL collapses"): the paper's objective, augmentation (Table 4,
+    # two crop + colour views) and extreme masking, plus the three changes that stop a short run from collapsing:
+    # centred targets, BatchNorm heads, a 10x predictor lr; and a teacher momentum for thousands of steps, not 10^5.
+    "tiny-cifar10": dict(
+        model_config="tiny",
+        dataset_name="uoft-cs/cifar10",
+        validation_split="test",
+        loss="byol",
+        mask_ratio=0.75,
+        num_masks=2,
+        augmentation="crop_color",
+        target_centering="batch",
+        head_norm="batchnorm",
+        predictor_lr_multiplier=10.0,
+        per_device_train_batch_size=256,
+        num_train_epochs=25,
+        warmup_epochs=2,
+        learning_rate=1e-3,
+        ema_momentum=0.99,
+        drop_path_rate=0.0,
+        num_workers=1,
+        knn_train_samples=10_000,
+        knn_val_samples=2_000,
+        knn_k=20,
+        knn_every=195,  # an epoch of batch 256
+    ),
     "vit-base-mask08x5": dict(_IMAGENET_1K, mask_ratio=0.8, num_masks=5, augmentation="crop"),
     "vit-base-mask08x5-color": dict(_IMAGENET_1K, mask_ratio=0.8, num_masks=5, augmentation="shared_crop_color"),
     "vit-base-mask09x8-color": dict(_IMAGENET_1K, mask_ratio=0.9, num_masks=8, augmentation="shared_crop_color"),
@@ -1108,8 +1134,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, **overrides) -> argparse.Namespace:
+    """The command line `argv` (default: sys.argv), with `overrides` as flag values given from Python."""
     parser = build_parser()
+    unknown = set(overrides) - {action.dest for action in parser._actions}
+    if unknown:
+        raise TypeError(f"Unknown training flags {sorted(unknown)}; see `python train_extrema.py --help`.")
+    parser.set_defaults(**overrides)
     args = parser.parse_args(argv)
     recipe = args.recipe
     if recipe is None and not (args.dataset_name or args.train_dir):
@@ -1119,7 +1150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.dataset_name or args.train_dir:  # the recipe on the user's data: not on the recipe's dataset
             for key in ("dataset_name", "dataset_config", "validation_split"):
                 defaults.pop(key, None)
-        parser.set_defaults(**defaults)
+        parser.set_defaults(**{**defaults, **overrides})
         args = parser.parse_args(argv)
         args.recipe = recipe
     if args.push_to_hub and not args.hub_model_id:
@@ -1381,8 +1412,14 @@ def export_teacher(accelerator, teacher, folder: Path, args, recipe: dict, knn: 
     accelerator.wait_for_everyone()
 
 
+def train(**flags) -> dict | None:
+    """Pre-train from Python, flags as keywords: `train(recipe="tiny-cifar10", train_dir="cifar10", seed=1)`."""
+    return main(parse_args([], **flags))
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    """The command line: `argv` (a list of flags, default sys.argv) or parsed arguments; returns the run's results."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     accelerator = make_accelerator(args)
     output_dir, device = Path(args.output_dir), accelerator.device
     world_size, rank = accelerator.num_processes, accelerator.process_index
@@ -1452,9 +1489,10 @@ def main(argv=None):
     )  # fmt: skip
     if args.report_to != "none":
         accelerator.init_trackers("extrema", config={k: v for k, v in vars(args).items() if v is not None})
-    knn_start = None
+    knn_start, knn_history = None, []  # the kNN curve: one {"step", "top1", "top5"} per evaluation
     if knn_enabled and step == 0:
         knn_start = evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
+        knn_history.append({"step": step, **(knn_start or {})})
 
     model.train()
     progress = tqdm(
@@ -1521,7 +1559,8 @@ def main(argv=None):
         if step == schedule.total_steps:
             break
         if knn_enabled and args.knn_every and step % args.knn_every == 0:
-            evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
+            knn = evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
+            knn_history.append({"step": step, **(knn or {})})
             model.train()
         if args.export_every and step % args.export_every == 0:
             export_teacher(accelerator, unwrapped.teacher, output_dir / f"export-step-{step}", args, recipe)
@@ -1535,6 +1574,7 @@ def main(argv=None):
     knn_end = None
     if knn_enabled:
         knn_end = evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
+        knn_history.append({"step": step, **(knn_end or {})})
     if knn_start and knn_end and accelerator.is_main_process:
         print(
             f"kNN top-1 on {args.validation_split}: {knn_start['top1']:.2f}% at initialisation -> "
@@ -1555,6 +1595,7 @@ def main(argv=None):
         "loss": loss,
         "knn_start": knn_start,
         "knn_end": knn_end,
+        "knn_history": knn_history,
         "num_examples": num_examples,
         "steps_per_epoch": schedule.steps_per_epoch,
         "final_dir": str(final),

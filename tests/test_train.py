@@ -477,6 +477,19 @@ def test_recipes_and_defaults():
         te.parse_args(["--push_to_hub"])
 
 
+def test_flags_from_python_act_like_the_command_line():
+    argv = ["--recipe", "tiny-cifar10", "--train_dir", "x", "--num_train_epochs", "3", "--head_norm", "layernorm"]
+    from_python = te.parse_args([], recipe="tiny-cifar10", train_dir="x", num_train_epochs=3.0, head_norm="layernorm")
+    assert vars(from_python) == vars(te.parse_args(argv))
+    recipe = te.parse_args(["--recipe", "tiny-cifar10", "--train_dir", "x"])
+    assert (recipe.loss, recipe.target_centering, recipe.head_norm, recipe.predictor_lr_multiplier) == (
+        "byol", "batch", "batchnorm", 10.0,
+    )  # fmt: skip
+    assert recipe.dataset_name is None and recipe.knn_k == 20 and recipe.knn_every == 195
+    with pytest.raises(TypeError, match="Unknown training flags.*learning_rat"):
+        te.parse_args([], learning_rat=1e-3)
+
+
 def weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
@@ -575,6 +588,7 @@ def test_trains_on_cifar10_with_knn_tensorboard_and_upload(tmp_path, cifar10_dir
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     argv = ["--train_dir", str(cifar10_dir), "--max_train_steps", "2", "--per_device_train_batch_size", "8",
+            "--mixed_precision", "no",  # accelerate's precision is process-wide: the other tests' float32
             "--num_workers", "1", "--knn_train_samples", "64", "--knn_val_samples", "32", "--knn_k", "10",
             "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "me/extrema-cifar"]  # fmt: skip
     result = te.main(argv)

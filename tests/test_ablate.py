@@ -1,0 +1,44 @@
+"""scripts/ablate.py: variants, resumable results, table and plot (the training itself is replaced by a stub)."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import ablate  # noqa: E402
+
+
+def test_a_study_runs_each_variant_once_and_continues_where_it_stopped(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(**flags):  # a kNN curve that depends on the variant's mask ratio
+        calls.append(flags)
+        start = 30.0 + 10 * flags.get("mask_ratio", 0.75)
+        return {"steps_per_epoch": 195, "knn_history": [{"step": s, "top1": start + s / 195} for s in (0, 195, 390)]}
+
+    monkeypatch.setattr(ablate.train_extrema, "train", fake_train)
+    common = ["--study", "masking", "--train_dir", "cifar", "--output_dir", str(tmp_path), "--num_train_epochs", "2"]
+    ablate.main(common + ["--variants", "0.5 x 1"])
+    assert len(calls) == 1
+    flags = calls[0]
+    assert flags["recipe"] == "tiny-cifar10" and flags["mask_ratio"] == 0.5 and flags["num_masks"] == 1
+    assert flags["num_train_epochs"] == 2 and flags["knn_k"] == 20 and flags["train_dir"] == "cifar"
+
+    results = ablate.main(common)  # the rest of the study; "0.5 x 1" is not run again
+    assert len(calls) == len(ablate.STUDIES["masking"])
+    assert [c["mask_ratio"] for c in calls].count(0.5) == 1
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == results and list(saved["variants"]) == list(ablate.STUDIES["masking"])
+    assert saved["variants"]["0.9 x 1"]["epochs"] == [0, 1, 2]
+    assert saved["variants"]["0.9 x 1"]["knn_top1"] == pytest.approx([39.0, 40.0, 41.0])
+    table = (tmp_path / "table.md").read_text()
+    assert "| 0.9 x 1 | `mask_ratio=0.9`, `num_masks=1` | 39.00 → 40.00 → 41.00 | +2.00 |" in table
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_unknown_variants_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--study", "fixes", "--output_dir", str(tmp_path), "--variants", "nope"])
