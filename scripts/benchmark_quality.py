@@ -6,7 +6,7 @@
 
 (12 epochs of CIFAR-10 per pre-training; bf16 autocast is 2.5x faster on CPUs with native bf16 dot products.)
 
-Representations of the same images, each scored by weighted kNN (train_extrema.weighted_knn, k=20 and 200, T=0.07)
+Representations of the same images, each scored by weighted kNN (eval_extrema.weighted_knn, k=20 and 200, T=0.07)
 with a gallery from the training split and queries from the validation split:
 - ExtreMA: the tiny preset pre-trained by train_extrema.main for --max_train_steps steps of --batch_size images, once
   per objective in --losses (BYOL, the paper's default, and InfoNCE, its Table 6); the teacher's class token (the
@@ -31,17 +31,11 @@ from tqdm.auto import tqdm
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from _eval_common import labelled_loader, load_extrema, resolve_validation_split, run, write_results
-from train_extrema import (
-    add_data_args,
-    build_eval_transform,
-    build_train_transform,
-    extract_features,
-    get_lr,
-    main as train_extrema_main,
-    param_groups,
-    weighted_knn,
-)
+from _eval_common import load_extrema, resolve_validation_split, run, write_results
+from data_extrema import add_data_args, build_eval_transform, build_train_transform, labelled_loader
+from eval_extrema import extract_features, weighted_knn
+from train_extrema import get_lr, param_groups
+from train_extrema import main as train_extrema_main
 
 
 def parse_args(argv=None):

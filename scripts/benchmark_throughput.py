@@ -32,9 +32,9 @@ from before the configuration was built to the end of one step, with freed heap 
 
 Data mode: images/s of one worker (one process, one thread) decoding the JPEGs of a Parquet image dataset (the
 layout of `datasets` image datasets, e.g. ../shared/data/imagenet-sample) and applying
-`train_extrema.build_train_transform(augmentation, image_size)` to make both views; with the colour on the device
+`data_extrema.build_train_transform(augmentation, image_size)` to make both views; with the colour on the device
 (`--color_on_device` of the training script) the worker's share instead: decode, crop, flip and draw the colour
-parameters. Then the cost of that colour augmentation on the benchmark's device, `train_extrema.device_views` on a
+parameters. Then the cost of that colour augmentation on the benchmark's device, `data_extrema.device_views` on a
 batch of `--color-batch-size` uint8 crops in pinned memory (copy to the device, both views' colour, normalisation),
 and images/s through a `torch.utils.data.DataLoader` with each `--workers` count, each batch made ready for the model
 on the device by `device_views` (`--color-on-device`: the workers only crop, the device colours).
@@ -378,9 +378,9 @@ def benchmark_model(args):
 # ---------------------------------------------------------------------------------------------------- data pipeline
 def benchmark_data(args):
     try:  # the training script's own decoding and augmentation, so that the numbers are the training pipeline's
-        from train_extrema import build_train_transform, decode_image, device_views
+        from data_extrema import build_train_transform, decode_image, device_views
     except ImportError as error:
-        raise SystemExit(f"The data mode needs train_extrema.py and its dependencies (datasets): {error}")
+        raise SystemExit(f"The data mode needs data_extrema.py and its dependencies (datasets): {error}")
     import pyarrow.parquet as pq
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -397,7 +397,7 @@ def benchmark_data(args):
     # a view is (uint8 image, colour parameters) only for the augmentations that have a colour part
     has_color = isinstance(on_device(decode_image(jpegs[0]))[0], tuple)
     print(f"{len(jpegs)} JPEGs from {data_dir} (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB)")
-    print(f"train_extrema.build_train_transform({args.augmentation!r}, {args.image_size}), one thread per worker")
+    print(f"data_extrema.build_train_transform({args.augmentation!r}, {args.image_size}), one thread per worker")
     print(f"load average before: {load_average()}")
 
     stages = {"decode (PIL, to RGB)": decode_image}
@@ -457,7 +457,7 @@ def color_on_device_rate(on_device, jpegs: list[bytes], args, device) -> float:
     The batch is built from the JPEGs (repeated up to --color-batch-size) with the training transform, collated as
     the DataLoader does; each timed call copies it to the device and colour-augments and normalises both views.
     """
-    from train_extrema import decode_image, device_views, view_fields
+    from data_extrema import decode_image, device_views, view_fields
 
     torch.manual_seed(0)
     samples = [view_fields(*on_device(decode_image(jpegs[i % len(jpegs)]))) for i in range(args.color_batch_size)]
@@ -475,7 +475,7 @@ def color_on_device_rate(on_device, jpegs: list[bytes], args, device) -> float:
 
 
 class JpegPairs(torch.utils.data.Dataset):
-    """JPEG bytes -> a sample's image fields (`train_extrema.view_fields`), as the training stream makes them."""
+    """JPEG bytes -> a sample's image fields (`data_extrema.view_fields`), as the training stream makes them."""
 
     def __init__(self, jpegs: list[bytes], transform, length: int):
         self.jpegs, self.transform, self.length = jpegs, transform, length
@@ -484,7 +484,7 @@ class JpegPairs(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index):
-        from train_extrema import decode_image, view_fields
+        from data_extrema import decode_image, view_fields
 
         return view_fields(*self.transform(decode_image(self.jpegs[index % len(self.jpegs)])))
 

@@ -23,7 +23,6 @@ from torchvision.transforms import v2
 from _eval_common import (
     add_eval_args,
     build_classifier,
-    labelled_loader,
     evaluate,
     load_extrema,
     resolve_validation_split,
@@ -32,7 +31,8 @@ from _eval_common import (
     train_classifier,
     write_results,
 )
-from train_extrema import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, get_lr
+from data_extrema import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, labelled_loader
+from train_extrema import get_lr
 
 
 def parse_args(argv=None):

@@ -32,7 +32,6 @@ from _eval_common import (
     add_eval_args,
     build_classifier,
     evaluate,
-    labelled_loader,
     load_extrema,
     resolve_validation_split,
     run,
@@ -40,7 +39,8 @@ from _eval_common import (
     train_classifier,
     write_results,
 )
-from train_extrema import build_eval_transform, build_train_transform, get_lr
+from data_extrema import build_eval_transform, build_train_transform, labelled_loader
+from train_extrema import get_lr
 
 
 class LARS(torch.optim.Optimizer):

@@ -29,7 +29,8 @@ import visualize_attention  # noqa: E402
 from _eval_common import GRID_PADDING, UsageError, load_extrema  # noqa: E402
 from configuration_extrema import ExtremaConfig  # noqa: E402
 from modeling_extrema import ExtremaModel  # noqa: E402
-from train_extrema import build_eval_transform, load_image_stream, weighted_knn  # noqa: E402
+from data_extrema import build_eval_transform, load_image_stream  # noqa: E402
+from eval_extrema import weighted_knn  # noqa: E402
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 

@@ -21,7 +21,9 @@ from _train_data import png_bytes, write_image_parquet
 from safetensors.torch import load_file
 from torchvision.transforms import v2
 
-import train_extrema as te  # the repository root is on sys.path (conftest.py)
+import data_extrema as de  # the repository root is on sys.path (conftest.py)
+import eval_extrema as ee
+import train_extrema as te
 from configuration_extrema import ExtremaConfig
 from modeling_extrema import ExtremaForPreTraining, ExtremaModel
 
@@ -68,16 +70,16 @@ def test_weighted_knn_matches_a_reference_and_chunking():
     train_y, test_y = torch.randint(0, 8, (300,), generator=generator), torch.randint(0, 8, (70,), generator=generator)
     train_x = centers[train_y] + 1.5 * torch.randn(300, 16, generator=generator)
     test_x = centers[test_y] + 1.5 * torch.randn(70, 16, generator=generator)
-    result = te.weighted_knn(train_x, train_y, test_x, test_y, k=20, temperature=0.07, chunk_size=16)
+    result = ee.weighted_knn(train_x, train_y, test_x, test_y, k=20, temperature=0.07, chunk_size=16)
     top1, top5 = reference_knn(train_x, train_y, test_x, test_y, 20, 0.07, 8)
     assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
     assert 30 < result["top1"] < 100  # neither trivial nor chance (12.5%)
-    assert te.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=1000) == result
+    assert ee.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=1000) == result
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the training loop's kNN runs inside the step's autocast
-        assert te.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=16) == result
-        assert te.weighted_knn(train_x.bfloat16(), train_y, test_x.bfloat16(), test_y, k=20)["top1"] > 30
+        assert ee.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=16) == result
+        assert ee.weighted_knn(train_x.bfloat16(), train_y, test_x.bfloat16(), test_y, k=20)["top1"] > 30
     # well separated clusters are classified perfectly; k larger than the gallery is clamped
-    perfect = te.weighted_knn(centers, torch.arange(8), centers * 2, torch.arange(8), k=1000)
+    perfect = ee.weighted_knn(centers, torch.arange(8), centers * 2, torch.arange(8), k=1000)
     assert perfect == {"top1": 100.0, "top5": 100.0}
 
 
@@ -115,9 +117,9 @@ def test_plan_schedule_counts_epochs_in_steps():
     assert (schedule.per_device_batch, schedule.total_batch) == (128, 2048)
     assert schedule.peak_lr == pytest.approx(1.5e-4 * 8)  # base lr x 2048 / 256
     assert schedule.steps_per_epoch == 625 and schedule.total_steps == 300 * 625 and schedule.warmup_steps == 40 * 625
-    with pytest.raises(te.UsageError, match="not divisible"):
+    with pytest.raises(de.UsageError, match="not divisible"):
         te.plan_schedule(args, num_examples=1000, world_size=3)
-    with pytest.raises(te.UsageError, match="--steps_per_epoch"):
+    with pytest.raises(de.UsageError, match="--steps_per_epoch"):
         te.plan_schedule(te.parse_args(["--train_dir", "x"]), num_examples=None, world_size=1)
     fixed = te.parse_args(["--train_dir", "x", "--steps_per_epoch", "7", "--num_train_epochs", "2"])
     assert te.plan_schedule(fixed, num_examples=None, world_size=1).total_steps == 14
@@ -182,16 +184,16 @@ def test_decode_image_converts_every_mode_to_rgb(mode):
         image.info["transparency"] = image.getpixel((0, 0))  # that palette entry is transparent
     buffer = io.BytesIO()
     image.save(buffer, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
-    decoded = te.decode_image({"bytes": buffer.getvalue(), "path": None})
+    decoded = de.decode_image({"bytes": buffer.getvalue(), "path": None})
     assert decoded.mode == "RGB" and decoded.size == (6, 5)
     if transparent:  # transparent pixels are laid on white
         assert decoded.getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_decode_image_returns_none_for_broken_images():
-    assert te.decode_image({"bytes": b"<html>404</html>", "path": None}) is None
-    assert te.decode_image(png_bytes(PIL.Image.new("RGB", (8, 8)))[:30]) is None  # truncated
-    assert te.decode_image(np.zeros((4, 4, 3), dtype=np.uint8)).size == (4, 4)
+    assert de.decode_image({"bytes": b"<html>404</html>", "path": None}) is None
+    assert de.decode_image(png_bytes(PIL.Image.new("RGB", (8, 8)))[:30]) is None  # truncated
+    assert de.decode_image(np.zeros((4, 4, 3), dtype=np.uint8)).size == (4, 4)
 
 
 def spatial_correlation(a, b):
@@ -204,21 +206,21 @@ def test_train_transforms_share_or_draw_views_as_in_table_4():
     gray = (np.kron(rng.random((8, 8)), np.ones((8, 8))) * 255).astype(np.uint8)
     image = PIL.Image.fromarray(gray).convert("RGB")
     torch.manual_seed(0)
-    for augmentation in te.AUGMENTATIONS:
-        student, teacher = te.build_train_transform(augmentation, 32)(image)
+    for augmentation in de.AUGMENTATIONS:
+        student, teacher = de.build_train_transform(augmentation, 32)(image)
         assert student.shape == teacher.shape == (3, 32, 32) and student.dtype == torch.float32
     same = {"center", "color", "crop"}
     for augmentation in same:
-        student, teacher = te.build_train_transform(augmentation, 32)(image)
+        student, teacher = de.build_train_transform(augmentation, 32)(image)
         assert torch.equal(student, teacher), augmentation
-    center, _ = te.build_train_transform("center", 32)(image)
-    assert torch.equal(center, te.build_eval_transform(32)(image))  # "no augmentation" is the evaluation view
-    shared = [spatial_correlation(*te.build_train_transform("shared_crop_color", 32)(image)) for _ in range(20)]
-    independent = [spatial_correlation(*te.build_train_transform("crop_color", 32)(image)) for _ in range(20)]
+    center, _ = de.build_train_transform("center", 32)(image)
+    assert torch.equal(center, de.build_eval_transform(32)(image))  # "no augmentation" is the evaluation view
+    shared = [spatial_correlation(*de.build_train_transform("shared_crop_color", 32)(image)) for _ in range(20)]
+    independent = [spatial_correlation(*de.build_train_transform("crop_color", 32)(image)) for _ in range(20)]
     assert min(shared) > 0.9  # one crop: the same layout under two colourings
     assert np.mean(independent) < 0.6  # two crops: different layouts
-    with pytest.raises(te.UsageError, match="Unknown augmentation"):
-        te.build_train_transform("mixup", 32)
+    with pytest.raises(de.UsageError, match="Unknown augmentation"):
+        de.build_train_transform("mixup", 32)
 
 
 def reference_colors(image, params):
@@ -236,25 +238,25 @@ def test_adjust_colors_matches_torchvision_image_by_image():
     images[:, :, 0] = images[:, :1, 0]  # gray pixels (no hue), and black and white ones
     images[:, :, 1, :6], images[:, :, 1, 6:] = 0.0, 1.0
     torch.manual_seed(0)
-    params = torch.stack([te.ColorParameters()(None)[1] for _ in range(48)])  # (48, 10)
+    params = torch.stack([de.ColorParameters()(None)[1] for _ in range(48)])  # (48, 10)
     # 8 images with one op alone, at the lower and the upper end of its range (the other factors neutral)
     params[:8, 0], params[:8, 1:5] = 1.0, torch.tensor([1.0, 1.0, 1.0, 0.0])
     for i in range(8):
         params[i, 1 + i % 4] = (0.6, 0.6, 0.8, -0.1, 1.4, 1.4, 1.2, 0.1)[i]
     assert params[:, 0].any() and not params[:, 0].all() and params[:, 9].any() and not params[:, 9].all()
-    batched = te.adjust_colors(images, params)
+    batched = de.adjust_colors(images, params)
     for image, row, out in zip(images, params, batched):
         torch.testing.assert_close(out, reference_colors(image, row), atol=1e-5, rtol=0)
     # from uint8 pixels to the normalised input of the model, as _normalize() does it
     pixels = (images * 255).round().to(torch.uint8)
     expected = torch.stack([F.normalize(reference_colors(F.to_dtype(x, torch.float32, scale=True), row),
-                                        te.IMAGENET_MEAN, te.IMAGENET_STD) for x, row in zip(pixels, params)])  # fmt: skip
-    torch.testing.assert_close(te.color_augment(pixels, params), expected, atol=1e-5, rtol=0)
+                                        de.IMAGENET_MEAN, de.IMAGENET_STD) for x, row in zip(pixels, params)])  # fmt: skip
+    torch.testing.assert_close(de.color_augment(pixels, params), expected, atol=1e-5, rtol=0)
 
 
 def test_color_parameters_draw_what_torchvision_draws(monkeypatch):
-    jitter = v2.RandomApply([v2.ColorJitter(*te.COLOR_JITTER)], p=te.COLOR_JITTER_P)
-    grayscale = v2.RandomGrayscale(p=te.GRAYSCALE_P)
+    jitter = v2.RandomApply([v2.ColorJitter(*de.COLOR_JITTER)], p=de.COLOR_JITTER_P)
+    grayscale = v2.RandomGrayscale(p=de.GRAYSCALE_P)
     drawn = {}
     monkeypatch.setattr(jitter.transforms[0], "transform", lambda image, params: drawn.update(jitter=params) or image)
     monkeypatch.setattr(grayscale, "transform", lambda image, params: drawn.update(gray=True) or image)
@@ -265,7 +267,7 @@ def test_color_parameters_draw_what_torchvision_draws(monkeypatch):
         grayscale(jitter(image))
         after_torchvision = torch.rand(1)
         torch.manual_seed(seed)
-        params = te.ColorParameters()(image)[1]
+        params = de.ColorParameters()(image)[1]
         assert torch.equal(torch.rand(1), after_torchvision)  # the same number of draws
         assert bool(params[0]) == ("jitter" in drawn) and bool(params[9]) == ("gray" in drawn)
         if "jitter" in drawn:
@@ -277,24 +279,24 @@ def test_color_parameters_draw_what_torchvision_draws(monkeypatch):
     assert seen == {(False, False), (False, True), (True, False), (True, True)}
 
 
-@pytest.mark.parametrize("augmentation", te.AUGMENTATIONS)
+@pytest.mark.parametrize("augmentation", de.AUGMENTATIONS)
 def test_color_on_device_makes_the_random_choices_of_the_cpu_path(augmentation):
     """Under one image seed, both paths crop, flip and colour alike, and draw the same mask noise after."""
     rng = np.random.default_rng(0)
     image = PIL.Image.fromarray((np.kron(rng.random((6, 7, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8))
-    on_cpu = te.build_train_transform(augmentation, 32)
-    on_device = te.build_train_transform(augmentation, 32, color_on_device=True)
-    to_levels = torch.tensor(te.IMAGENET_STD)[:, None, None] * 255  # normalised differences -> uint8 levels
+    on_cpu = de.build_train_transform(augmentation, 32)
+    on_device = de.build_train_transform(augmentation, 32, color_on_device=True)
+    to_levels = torch.tensor(de.IMAGENET_STD)[:, None, None] * 255  # normalised differences -> uint8 levels
     differences = []
     for seed in range(40):
         torch.manual_seed(seed)
-        expected, noise = te.view_fields(*on_cpu(image)), torch.rand(16)
+        expected, noise = de.view_fields(*on_cpu(image)), torch.rand(16)
         torch.manual_seed(seed)
-        fields = te.view_fields(*on_device(image))
+        fields = de.view_fields(*on_device(image))
         assert torch.equal(torch.rand(16), noise)
         assert fields["pixel_values"].dtype == (torch.float32 if augmentation in ("center", "crop") else torch.uint8)
         batch = {key: value[None] for key, value in fields.items()}  # a batch of one, as collated
-        student, teacher = te.device_views(batch, torch.device("cpu"))
+        student, teacher = de.device_views(batch, torch.device("cpu"))
         assert (teacher is None) == ("pixel_values_teacher" not in expected)
         for view, key in ((student, "pixel_values"), (teacher, "pixel_values_teacher")):
             if view is not None:
@@ -320,22 +322,22 @@ def test_cuda_color_augment_never_waits_and_matches_the_cpu():
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
     torch.manual_seed(0)
-    params = torch.stack([te.ColorParameters()(None)[1] for _ in range(64)]).pin_memory()
-    expected = te.color_augment(pixels, params)
+    params = torch.stack([de.ColorParameters()(None)[1] for _ in range(64)]).pin_memory()
+    expected = de.color_augment(pixels, params)
     pixels = pixels.cuda()
-    te.color_augment(pixels, params)  # first calls load kernels
+    de.color_augment(pixels, params)  # first calls load kernels
     torch.cuda.set_sync_debug_mode("error")  # raises on any call that makes the host wait for the GPU
     try:
-        augmented = te.color_augment(pixels, params)
+        augmented = de.color_augment(pixels, params)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(augmented.cpu(), expected, atol=1e-5, rtol=0)
 
 
 def test_eval_transform_normalises_with_imagenet_statistics():
-    out = te.build_eval_transform(32)(PIL.Image.new("RGB", (50, 40), (124, 116, 104)))
+    out = de.build_eval_transform(32)(PIL.Image.new("RGB", (50, 40), (124, 116, 104)))
     assert out.shape == (3, 32, 32)
-    expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(te.IMAGENET_MEAN)) / torch.tensor(te.IMAGENET_STD)
+    expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(de.IMAGENET_MEAN)) / torch.tensor(de.IMAGENET_STD)
     assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-5)
 
 
@@ -345,32 +347,32 @@ def test_eval_transform_normalises_with_imagenet_statistics():
 
 def test_load_image_stream_skips_broken_images_and_detects_columns(tmp_path):
     images = write_image_parquet(tmp_path / "data", num_images=12, num_shards=2, broken={3, 7}, column="img")
-    rows = list(te.load_image_stream(train_dir=tmp_path / "data", split="train"))
+    rows = list(de.load_image_stream(train_dir=tmp_path / "data", split="train"))
     assert len(rows) == 10
     assert all(r["image"].mode == "RGB" and r["image"].size == (32, 32) for r in rows)
     assert [r["label"] for r in rows] == [i % 4 for i in range(12) if i not in (3, 7)]
     first = np.asarray(PIL.Image.open(io.BytesIO(images[0])))
     assert np.array_equal(np.asarray(rows[0]["image"]), first)
-    with pytest.raises(te.UsageError, match=r"no split 'validation'.*\['train'\]"):
-        te.load_image_stream(train_dir=tmp_path / "data", split="validation")
-    with pytest.raises(te.UsageError, match="--image_column 'photo'"):
-        te.load_image_stream(train_dir=tmp_path / "data", image_column="photo")
-    with pytest.raises(te.UsageError, match="not a folder"):
-        te.load_image_stream(train_dir=tmp_path / "missing")
-    with pytest.raises(te.UsageError, match="either --dataset_name or --train_dir"):
-        te.load_image_stream(dataset_name="uoft-cs/cifar10", train_dir=tmp_path / "data")
+    with pytest.raises(de.UsageError, match=r"no split 'validation'.*\['train'\]"):
+        de.load_image_stream(train_dir=tmp_path / "data", split="validation")
+    with pytest.raises(de.UsageError, match="--image_column 'photo'"):
+        de.load_image_stream(train_dir=tmp_path / "data", image_column="photo")
+    with pytest.raises(de.UsageError, match="not a folder"):
+        de.load_image_stream(train_dir=tmp_path / "missing")
+    with pytest.raises(de.UsageError, match="either --dataset_name or --train_dir"):
+        de.load_image_stream(dataset_name="uoft-cs/cifar10", train_dir=tmp_path / "data")
 
 
 def test_detect_columns_for_hub_layouts():
     webdataset = datasets.Features(
         {"__key__": datasets.Value("string"), "jpg": datasets.Image(), "cls": datasets.Value("int64")}
     )
-    assert te.detect_columns(webdataset) == ("jpg", "cls")
+    assert de.detect_columns(webdataset) == ("jpg", "cls")
     cifar = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
-    assert te.detect_columns(cifar) == ("img", "label")
-    assert te.detect_columns(datasets.Features({"image": datasets.Image()})) == ("image", None)
-    with pytest.raises(te.UsageError, match="No image column"):
-        te.detect_columns(datasets.Features({"text": datasets.Value("string")}))
+    assert de.detect_columns(cifar) == ("img", "label")
+    assert de.detect_columns(datasets.Features({"image": datasets.Image()})) == ("image", None)
+    with pytest.raises(de.UsageError, match="No image column"):
+        de.detect_columns(datasets.Features({"text": datasets.Value("string")}))
 
 
 def write_idx(path, array):
@@ -389,22 +391,22 @@ def test_fashion_mnist_default_is_converted_once_to_parquet(tmp_path, monkeypatc
         write_idx(source / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    rows = list(te.load_image_stream(split="test", fashion_mnist_dir=source))
+    rows = list(de.load_image_stream(split="test", fashion_mnist_dir=source))
     assert [r["label"] for r in rows] == list(range(10))
     assert rows[0]["image"].mode == "RGB" and rows[0]["image"].size == (28, 28)
     cache = tmp_path / "cache" / "extrema" / "fashion-mnist-parquet"
     assert len(list(cache.glob("train-*.parquet"))) == 6
-    assert te.count_examples(te.open_dataset(fashion_mnist_dir=source), "train") == 30
-    with pytest.raises(te.UsageError, match="apt-get install dataset-fashion-mnist"):
-        te.prepare_fashion_mnist(tmp_path / "nowhere", cache_dir=tmp_path / "other")
+    assert de.count_examples(de.open_dataset(fashion_mnist_dir=source), "train") == 30
+    with pytest.raises(de.UsageError, match="apt-get install dataset-fashion-mnist"):
+        de.prepare_fashion_mnist(tmp_path / "nowhere", cache_dir=tmp_path / "other")
 
 
 def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
     for num_shards in (4, 1):  # whole shards per rank, and 1 row in 2 when the shards cannot be split
         folder = tmp_path / f"shards{num_shards}"
         images = write_image_parquet(folder, num_images=24, num_shards=num_shards)
-        raw = te.load_raw_stream(te.open_dataset(train_dir=folder), "train")
-        ranks = [te.rank_dataset(raw, rank, world_size=2, seed=0, buffer_size=8) for rank in (0, 1)]
+        raw = de.load_raw_stream(de.open_dataset(train_dir=folder), "train")
+        ranks = [de.rank_dataset(raw, rank, world_size=2, seed=0, buffer_size=8) for rank in (0, 1)]
         seen = [[row["image"]["bytes"] for row in ranks[rank]] for rank in (0, 1)]
         assert not set(seen[0]) & set(seen[1])
         assert sorted(seen[0] + seen[1]) == sorted(images)
@@ -415,8 +417,8 @@ def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
 
 
 def take_batches(dataset, args, position, count):
-    transform = te.build_train_transform("shared_crop_color", 32, color_on_device=args.color_on_device)
-    batches = te.training_batches(dataset, transform, args, (64,), position, torch.device("cpu"))
+    transform = de.build_train_transform("shared_crop_color", 32, color_on_device=args.color_on_device)
+    batches = de.training_batches(dataset, transform, args, (64,), position, torch.device("cpu"))
     return [next(batches) for _ in range(count)]
 
 
@@ -424,11 +426,11 @@ def take_batches(dataset, args, position, count):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_training_stream_resumes_exactly(tmp_path, num_workers, color_on_device):
     write_image_parquet(tmp_path / "data", num_images=20, num_shards=3, broken={4})
-    raw = te.load_raw_stream(te.open_dataset(train_dir=tmp_path / "data"), "train")
-    dataset = te.rank_dataset(raw, 0, 1, seed=0, buffer_size=4)
+    raw = de.load_raw_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
+    dataset = de.rank_dataset(raw, 0, 1, seed=0, buffer_size=4)
     args = te.parse_args(["--train_dir", "x", "--per_device_train_batch_size", "3", "--num_workers", str(num_workers)]
                          + ["--color_on_device"] * color_on_device)  # fmt: skip
-    position = te.StreamPosition(epoch=1)
+    position = de.StreamPosition(epoch=1)
     reference = take_batches(dataset, args, position, 9)  # 27 images from 19 decodable: the stream wraps around
     assert sum(position.skipped_images.values()) >= 1
     # shared_crop_color: two float views, or one uint8 crop and the colour parameters of each view
@@ -437,17 +439,17 @@ def test_training_stream_resumes_exactly(tmp_path, num_workers, color_on_device)
     assert sorted(set(reference[0]) - {"noise", "worker", "rows", "skipped"}) == views
     assert reference[0]["pixel_values"].dtype == (torch.uint8 if color_on_device else torch.float32)
     for consumed in (3, 5):
-        position = te.StreamPosition(epoch=1)
+        position = de.StreamPosition(epoch=1)
         take_batches(dataset, args, position, consumed)
-        saved = te.StreamPosition.from_json(json.loads(json.dumps(position.to_json())))
+        saved = de.StreamPosition.from_json(json.loads(json.dumps(position.to_json())))
         resumed = take_batches(dataset, args, saved, 9 - consumed)
         for a, b in zip(reference[consumed:], resumed):
             for key in views + ["noise"]:
                 assert torch.equal(a[key], b[key])
-    with pytest.raises(te.UsageError, match="resume with --num_workers"):
+    with pytest.raises(de.UsageError, match="resume with --num_workers"):
         take_batches(dataset, te.parse_args(["--train_dir", "x", "--num_workers", "1"]), saved, 1)
     # another epoch is another order
-    other = take_batches(dataset, args, te.StreamPosition(epoch=2), 1)[0]
+    other = take_batches(dataset, args, de.StreamPosition(epoch=2), 1)[0]
     assert not torch.equal(other["pixel_values"], reference[0]["pixel_values"])
 
 
@@ -634,7 +636,7 @@ def test_export_loads_with_automodel_in_a_fresh_process(tmp_path):
     assert config["auto_map"]["AutoModel"] == "modeling_extrema.ExtremaModel"
     assert (folder / "modeling_extrema.py").exists() and (folder / "model.safetensors").exists()
     processor = json.loads((folder / "preprocessor_config.json").read_text())
-    assert processor["image_mean"] == list(te.IMAGENET_MEAN) and processor["image_std"] == list(te.IMAGENET_STD)
+    assert processor["image_mean"] == list(de.IMAGENET_MEAN) and processor["image_std"] == list(de.IMAGENET_STD)
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
     assert card.data.license == "apache-2.0" and card.data.datasets == ["uoft-cs/cifar10"]
