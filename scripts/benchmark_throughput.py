@@ -47,7 +47,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -59,11 +58,10 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
 from configuration_extrema import PRESETS, ExtremaConfig  # noqa: E402
 from modeling_extrema import ExtremaForPreTraining  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) used for MFU; override with --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
