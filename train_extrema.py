@@ -839,6 +839,23 @@ def main(argv=None):
     }
 
 
+def train(**flags) -> dict | None:
+    """`main` with its flags as keywords, to train from Python: train(train_dir="data", max_train_steps=100).
+
+    Each value stands for what the command line would say: True for a switch (skip_knn=True: --skip_knn), False for
+    the --no- form of an on/off flag (color_on_device=False), None for the default. Recipes apply as they do there.
+    """
+    argv = []
+    for name, value in flags.items():
+        if value is True:
+            argv.append(f"--{name}")
+        elif value is False:
+            argv.append(f"--no-{name}")
+        elif value is not None:
+            argv += [f"--{name}", str(value)]
+    return main(argv)
+
+
 if __name__ == "__main__":
     try:
         main()

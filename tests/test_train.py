@@ -479,6 +479,17 @@ def test_recipes_and_defaults():
         te.parse_args(["--push_to_hub"])
 
 
+def test_train_takes_the_flags_as_keywords(monkeypatch):
+    argvs = []
+    monkeypatch.setattr(te, "main", argvs.append)
+    te.train(train_dir="data", dataset_name=None, max_train_steps=3, skip_knn=True, recipe="vit-base-mask08x5",
+             color_on_device=False)  # fmt: skip
+    assert argvs == [["--train_dir", "data", "--max_train_steps", "3", "--skip_knn", "--recipe", "vit-base-mask08x5",
+                      "--no-color_on_device"]]  # fmt: skip
+    args = te.parse_args(argvs[0])
+    assert (args.max_train_steps, args.skip_knn, args.color_on_device, args.num_masks) == (3, True, False, 5)
+
+
 def weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
