@@ -49,11 +49,11 @@ from data_extrema import (
     add_data_args,
     build_train_transform,
     count_examples,
+    default_validation_split,
     device_views,
     load_raw_stream,
     open_dataset,
     rank_dataset,
-    split_names,
     training_batches,
 )
 from eval_extrema import knn_accuracy
@@ -675,7 +675,7 @@ def main(argv=None):
     dataset = rank_dataset(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
     knn_enabled = not args.skip_knn and "label" in raw.column_names
     if knn_enabled and args.validation_split is None:
-        args.validation_split = next((s for s in ("validation", "test") if s in split_names(builder)), None)
+        args.validation_split = default_validation_split(builder)
         if args.validation_split is None:
             logger.warning("No validation split (name one with --validation_split): no kNN accuracy.")
             knn_enabled = False
