@@ -1,7 +1,7 @@
-"""What the evaluation and analysis scripts share: flags, loading an ExtreMA backbone, labelled loaders, output.
+"""What the evaluation and analysis scripts share: flags, loading an ExtreMA backbone, images, accuracy, output.
 
-The data code (sources, decoding, transforms, feature extraction, kNN) lives in `train_extrema.py` and is imported
-from there, so that evaluation reads images exactly as training does.
+The data code (sources, decoding, transforms, labelled loaders) lives in `data_extrema.py` and feature extraction
+and kNN in `eval_extrema.py`, so that evaluation reads images exactly as training does.
 """
 
 import copy
@@ -15,15 +15,13 @@ from torchvision.transforms import v2
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: train_extrema and the model
-
-from train_extrema import (  # noqa: E402  (after the path insertion)
+from data_extrema import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     UsageError,
     add_data_args,
-    collate_eval,
     count_examples,
+    default_validation_split,
     load_image_stream,
     load_raw_stream,
     open_dataset,
@@ -32,7 +30,7 @@ from train_extrema import (  # noqa: E402  (after the path insertion)
 
 
 def add_eval_args(parser, batch_size: int = 256):
-    """The flags every script takes: the model, the data (train_extrema's flags), the output, sample caps."""
+    """The flags every script takes: the model, the data (the training script's flags), the output, sample caps."""
     parser.add_argument(
         "--model_name_or_path", required=True, help="an ExtreMA folder (e.g. <train output_dir>/final) or Hub id"
     )
@@ -102,21 +100,21 @@ def build_classifier(backbone, num_labels: int, pooling: str, **config_overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: labelled splits through train_extrema's streaming code, and accuracy on them
+# Data: labelled splits through data_extrema's streaming code, and accuracy on them
 
 
 def resolve_validation_split(args) -> str:
-    """--validation_split, else the dataset's 'validation' or 'test' split."""
+    """--validation_split, else the dataset's 'validation' or 'test' split (`default_validation_split`)."""
     if args.validation_split:
         return args.validation_split
     builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
-    splits = split_names(builder)
-    for name in ("validation", "test"):
-        if name in splits:
-            return name
-    raise UsageError(
-        f"The dataset has no 'validation' or 'test' split (it has {splits}); name one with --validation_split."
-    )
+    split = default_validation_split(builder)
+    if split is None:
+        raise UsageError(
+            f"The dataset has no 'validation' or 'test' split (it has {split_names(builder)}); name one with "
+            "--validation_split."
+        )
+    return split
 
 
 def split_size_and_classes(args, split: str, max_samples: int | None = None) -> tuple[int, int]:
@@ -138,7 +136,7 @@ def split_size_and_classes(args, split: str, max_samples: int | None = None) -> 
     return (min(size, max_samples) if max_samples else size), num_classes
 
 
-def image_stream(args, split: str, max_samples: int | None = None, require_labels: bool = False):
+def image_stream(args, split: str, max_samples: int | None = None):
     """Rows {"image": RGB PIL, "label"?} of a split: the first `max_samples` decodable images (a fixed subset)."""
     stream = load_image_stream(
         dataset_name=args.dataset_name,
@@ -151,36 +149,7 @@ def image_stream(args, split: str, max_samples: int | None = None, require_label
     )
     if max_samples is not None:
         stream = stream.take(max_samples)
-    if require_labels:
-        first = next(iter(stream), None)
-        if first is None:
-            raise UsageError(f"The split {split!r} has no decodable image.")
-        if first.get("label") is None:
-            raise UsageError(
-                f"The split {split!r} has no labels (columns: {sorted(first)}), and this evaluation needs them. "
-                "Name the label column with --label_column, or use a labelled dataset."
-            )
     return stream
-
-
-def labelled_loader(args, split, transform, max_samples=None, shuffle=False, batch_size=None):
-    """Batches {"pixel_values" (B, 3, S, S), "label" (B,)} of a labelled split.
-
-    With `shuffle` the same fixed subset is reshuffled every epoch (call `set_epoch(epoch)` on the loader).
-    """
-    stream = image_stream(args, split, max_samples, require_labels=True)
-    if shuffle:
-        # one shard at a time feeds the buffer: datasets sleeps 5 s at the end of every pass that interleaves
-        # Parquet shards (a pyarrow thread-shutdown workaround), which would add 5 s to every epoch
-        buffer_size = max(1, args.shuffle_buffer_size)
-        stream = stream.shuffle(seed=args.seed, buffer_size=buffer_size, max_buffer_input_shards=1)
-    stream = stream.map(lambda row: {**row, "pixel_values": transform(row["image"])}, remove_columns=["image"])
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=batch_size or args.batch_size,
-        num_workers=min(args.num_workers, stream.num_shards),
-        collate_fn=collate_eval,
-    )
 
 
 def load_image(args):

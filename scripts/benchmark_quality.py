@@ -1,17 +1,17 @@
 """Quality benchmark: kNN accuracy of ExtreMA against its masked-modelling peer at the same CPU budget.
 
-    python scripts/benchmark_quality.py --train_dir ../shared/data/cifar10 --max_train_steps 2340 --batch_size 256 \
-        --warmup_steps 195 --learning_rate 1e-3 --augmentation crop_color --mixed_precision bf16 \
-        --max_train_samples 10000 --max_eval_samples 2000 --output_dir bench/quality
+    python scripts/benchmark_quality.py --train_dir ../shared/data/cifar10 --max_train_steps 2340 \
+        --per_device_train_batch_size 256 --warmup_steps 195 --learning_rate 1e-3 --augmentation crop_color \
+        --mixed_precision bf16 --max_train_samples 10000 --max_eval_samples 2000 --output_dir bench/quality
 
 (12 epochs of CIFAR-10 per pre-training; bf16 autocast is 2.5x faster on CPUs with native bf16 dot products.)
 
-Representations of the same images, each scored by weighted kNN (train_extrema.weighted_knn, k=20 and 200, T=0.07)
+Representations of the same images, each scored by weighted kNN (eval_extrema.weighted_knn, k=20 and 200, T=0.07)
 with a gallery from the training split and queries from the validation split:
-- ExtreMA: the tiny preset pre-trained by train_extrema.main for --max_train_steps steps of --batch_size images, once
-  per objective in --losses (BYOL, the paper's default, and InfoNCE, its Table 6); the teacher's class token (the
-  exported backbone's pooler_output);
-- ViTMAE: transformers' ViTMAEForPreTraining with the same encoder (image, patch, width, depth, heads, MLP), mask
+- ExtreMA: the tiny preset pre-trained by train_extrema.train for --max_train_steps steps of
+  --per_device_train_batch_size images, once per objective in --losses (BYOL, the paper's default, and InfoNCE, its
+  Table 6); the teacher's class token (the exported backbone's pooler_output);
+- ViTMAE: transformers' ViTMAEForPreTraining with the same encoder (benchmark_throughput.vitmae_config_like), mask
   ratio 0.75, trained for the same number of steps of the same batch size (the MAE recipe: AdamW (0.9, 0.95), weight
   decay 0.05, normalised-pixel loss, random resized crop + flip); features are the encoder's patch tokens with
   masking off, mean-pooled (MAE has no trained instance representation);
@@ -28,27 +28,21 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import ViTMAEConfig, ViTMAEForPreTraining
+from transformers import ViTMAEForPreTraining
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from _eval_common import labelled_loader, load_extrema, resolve_validation_split, run, write_results
-from train_extrema import (
-    add_data_args,
-    build_eval_transform,
-    build_train_transform,
-    extract_features,
-    get_lr,
-    main as train_extrema_main,
-    param_groups,
-    weighted_knn,
-)
+from _eval_common import load_extrema, resolve_validation_split, run, write_results
+from benchmark_throughput import vitmae_config_like
+from data_extrema import add_data_args, build_eval_transform, build_train_transform, labelled_loader
+from eval_extrema import extract_features, weighted_knn
+from train_extrema import get_lr, param_groups, train
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_train_steps", type=int, default=2340, help="optimizer steps of EACH pre-training")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per step, for both")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=256, help="images per step, for both")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="base lr x batch / 256, for both")
     parser.add_argument("--warmup_steps", type=int, help="default: 10%% of the steps")
     parser.add_argument("--max_train_samples", type=int, default=10_000, help="kNN gallery: first N training images")
@@ -79,68 +73,53 @@ def parse_args(argv=None):
 
 
 def pretrain_extrema(args, loss: str, warmup_steps: int) -> tuple[Path, float]:
-    """Pre-train with train_extrema.main in this process; returns the exported teacher folder and the wall time."""
+    """Pre-train with train_extrema.train in this process; returns the exported teacher folder and the wall time."""
     output_dir = Path(args.output_dir) / f"extrema-{loss}"
-    argv = [
-        "--model_config", args.model_config,
-        *(["--train_dir", args.train_dir] if args.train_dir else []),
-        *(["--dataset_name", args.dataset_name] if args.dataset_name else []),
-        *(["--dataset_config", args.dataset_config] if args.dataset_config else []),
-        "--train_split", args.train_split,
-        "--num_workers", str(args.num_workers),
-        "--max_train_steps", str(args.max_train_steps),
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate),
-        "--warmup_steps", str(warmup_steps),
-        "--mask_ratio", str(args.mask_ratio),
-        "--num_masks", str(args.num_masks),
-        "--augmentation", args.augmentation,
-        "--ema_momentum", str(args.ema_momentum),
-        "--loss", loss,
-        "--drop_path_rate", "0",
-        "--mixed_precision", args.mixed_precision,
-        "--skip_knn",
-        "--report_to", "none",
-        "--seed", str(args.seed),
-        "--output_dir", str(output_dir),
-    ]  # fmt: skip
     start = time.perf_counter()
-    train_extrema_main(argv)
-    return output_dir / "final", time.perf_counter() - start
-
-
-def mae_config_like(config, args) -> ViTMAEConfig:
-    """A ViTMAE whose encoder has ExtreMA's size; mask ratio 0.75 and normalised-pixel targets (the MAE recipe)."""
-    return ViTMAEConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        qkv_bias=config.qkv_bias,
-        layer_norm_eps=config.layer_norm_eps,
-        mask_ratio=0.75,
-        norm_pix_loss=True,
-        decoder_hidden_size=args.mae_decoder_hidden_size,
-        decoder_num_hidden_layers=args.mae_decoder_layers,
-        decoder_num_attention_heads=max(1, args.mae_decoder_hidden_size // 32),
-        decoder_intermediate_size=4 * args.mae_decoder_hidden_size,
+    train(
+        model_config=args.model_config,
+        dataset_name=args.dataset_name,
+        dataset_config=args.dataset_config,
+        train_dir=args.train_dir,
+        train_split=args.train_split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        num_workers=args.num_workers,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        fashion_mnist_dir=args.fashion_mnist_dir,
+        max_train_steps=args.max_train_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=warmup_steps,
+        mask_ratio=args.mask_ratio,
+        num_masks=args.num_masks,
+        augmentation=args.augmentation,
+        ema_momentum=args.ema_momentum,
+        loss=loss,
+        drop_path_rate=0,
+        mixed_precision=args.mixed_precision,
+        skip_knn=True,
+        report_to="none",
+        seed=args.seed,
+        output_dir=output_dir,
     )
+    return output_dir / "final", time.perf_counter() - start
 
 
 def pretrain_mae(args, config, warmup_steps: int) -> tuple[ViTMAEForPreTraining, float]:
     """The same number of steps of the same batch size as ExtreMA, with the MAE recipe; returns model and wall time."""
     start = time.perf_counter()
     set_seed(args.seed)
-    model = ViTMAEForPreTraining(mae_config_like(config, args)).train()
+    mae_config = vitmae_config_like(config, args.mae_decoder_hidden_size, args.mae_decoder_layers)
+    model = ViTMAEForPreTraining(mae_config).train()
     if args.mixed_precision == "bf16":
         model.set_attn_implementation("eager")  # as train_extrema does on a CPU: sdpa is slow on short bf16 sequences
-    peak_lr = args.learning_rate * args.batch_size / 256
+    peak_lr = args.learning_rate * args.per_device_train_batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=peak_lr, betas=(0.9, 0.95))
     transform = build_train_transform("crop", config.image_size, crop_min=0.2).shared  # one crop + flip view
-    loader = labelled_loader(args, args.train_split, transform, shuffle=True)
+    loader = labelled_loader(
+        args, args.train_split, transform, shuffle=True, batch_size=args.per_device_train_batch_size
+    )
     step, epoch = 0, 0
     progress = tqdm(total=args.max_train_steps, desc="ViTMAE")
     while step < args.max_train_steps:
@@ -187,7 +166,7 @@ def decoded_split(args, split: str, image_size: int, max_samples: int) -> torch.
     """The first images of a split, decoded and eval-transformed ONCE, as a loader of (pixel_values, label) batches
     that every representation reads."""
     pixel_values, labels = [], []
-    for batch in labelled_loader(args, split, build_eval_transform(image_size), max_samples):
+    for batch in labelled_loader(args, split, build_eval_transform(image_size), max_samples, batch_size=256):
         pixel_values.append(batch["pixel_values"])
         labels.append(batch["label"])
     dataset = torch.utils.data.TensorDataset(torch.cat(pixel_values), torch.cat(labels))
@@ -218,7 +197,8 @@ def main(argv=None):
     for name, backbone, steps, seconds in runs:
         train_features, train_labels = extract_features(backbone, gallery, device="cpu")
         test_features, test_labels = extract_features(backbone, queries, device="cpu")
-        row = {"method": name, "steps": steps, "batch_size": args.batch_size if steps else 0, "train_wall_s": seconds}
+        batch_size = args.per_device_train_batch_size if steps else 0
+        row = {"method": name, "steps": steps, "batch_size": batch_size, "train_wall_s": seconds}
         for k in args.k:
             knn = weighted_knn(train_features, train_labels, test_features, test_labels, k=k, temperature=0.07)
             row[f"knn_top1_k{k}"] = knn["top1"]
@@ -243,8 +223,8 @@ def main(argv=None):
         "queries": f"first {len(queries.dataset)} images of {validation_split}",
         "pretraining": {
             "steps": args.max_train_steps,
-            "batch_size": args.batch_size,
-            "peak_lr": args.learning_rate * args.batch_size / 256,
+            "batch_size": args.per_device_train_batch_size,
+            "peak_lr": args.learning_rate * args.per_device_train_batch_size / 256,
             "warmup_steps": warmup_steps,
             "mixed_precision": args.mixed_precision,
             "extrema": {

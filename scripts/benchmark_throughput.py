@@ -6,15 +6,16 @@ Model mode (default): one training step is what `train_extrema.py` does per batc
     loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)   # AdamW
     model.update_teacher(momentum)                                            # EMA
 
-The peer is `ViTMAEForPreTraining` with the same encoder width and depth (mask ratio 0.75, decoder 512 x 8, the MAE
-defaults) trained with the same AdamW. All configurations are built first, warmed up, then timed in interleaved
-rounds (`--steps-per-round` steps of each per round), so that a change of load on a shared machine hits all of them
-alike; the medians over rounds are reported, and the ratio to the peer is the median of the per-round ratios. On a
-CPU, run as a script, it sets OMP_WAIT_POLICY=PASSIVE unless the variable is set (see the comment below).
+The peer is `ViTMAEForPreTraining` with the same encoder (`vitmae_config_like`: mask ratio 0.75, normalised-pixel
+loss, decoder 512 x 8, the MAE recipe) trained with the same AdamW. All configurations are built first, warmed up,
+then timed in interleaved rounds (`--steps_per_round` steps of each per round), so that a change of load on a shared
+machine hits all of them alike; the medians over rounds are reported, and the ratio to the peer is the median of
+the per-round ratios. On a CPU, run as a script, it sets OMP_WAIT_POLICY=PASSIVE unless the variable is set (see the
+comment below).
 
-    python scripts/benchmark_throughput.py --model vit-small-patch16 --batch-size 16 --precision float32 bfloat16
-    python scripts/benchmark_throughput.py --model vit-base-patch16 --batch-size 256 --precision bfloat16  # GPU
-    python scripts/benchmark_throughput.py --mode data --augmentation <name> --workers 1 2 [--color-on-device]
+    python scripts/benchmark_throughput.py --model vit-small-patch16 --batch_size 16 --precision float32 bfloat16
+    python scripts/benchmark_throughput.py --model vit-base-patch16 --batch_size 256 --precision bfloat16  # GPU
+    python scripts/benchmark_throughput.py --mode data --augmentation <name> --workers 1 2 [--color_on_device]
 
 FLOP counting (`extrema_flops`, `vitmae_flops`): matrix multiplications only, counted analytically as 2*m*n*k
 (linear layers, the patch-embedding convolution as a matmul over patches, and the two attention matmuls q k^T and
@@ -32,12 +33,12 @@ from before the configuration was built to the end of one step, with freed heap 
 
 Data mode: images/s of one worker (one process, one thread) decoding the JPEGs of a Parquet image dataset (the
 layout of `datasets` image datasets, e.g. ../shared/data/imagenet-sample) and applying
-`train_extrema.build_train_transform(augmentation, image_size)` to make both views; with the colour on the device
+`data_extrema.build_train_transform(augmentation, image_size)` to make both views; with the colour on the device
 (`--color_on_device` of the training script) the worker's share instead: decode, crop, flip and draw the colour
-parameters. Then the cost of that colour augmentation on the benchmark's device, `train_extrema.device_views` on a
-batch of `--color-batch-size` uint8 crops in pinned memory (copy to the device, both views' colour, normalisation),
+parameters. Then the cost of that colour augmentation on the benchmark's device, `data_extrema.device_views` on a
+batch of `--color_batch_size` uint8 crops in pinned memory (copy to the device, both views' colour, normalisation),
 and images/s through a `torch.utils.data.DataLoader` with each `--workers` count, each batch made ready for the model
-on the device by `device_views` (`--color-on-device`: the workers only crop, the device colours).
+on the device by `device_views` (`--color_on_device`: the workers only crop, the device colours).
 """
 
 import argparse
@@ -47,7 +48,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -58,14 +58,16 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 from configuration_extrema import PRESETS, ExtremaConfig  # noqa: E402
+from data_extrema import build_train_transform, decode_image, device_views, view_fields  # noqa: E402
 from modeling_extrema import ExtremaForPreTraining  # noqa: E402
+from train_extrema import param_groups  # noqa: E402
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) used for MFU; override with --peak-tflops.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) used for MFU; override with --peak_tflops.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
 
 
@@ -148,14 +150,37 @@ def vitmae_flops(config) -> dict[str, int]:
     }
 
 
+def vitmae_config_like(config: ExtremaConfig, decoder_hidden_size=512, decoder_num_hidden_layers=8, **kwargs):
+    """A `ViTMAEConfig` whose encoder has ExtreMA's size, with the MAE recipe: mask ratio 0.75, normalised-pixel loss.
+
+    The encoder copies the image and patch size, width, depth, heads, MLP, qkv bias and LayerNorm epsilon of
+    `config`; the decoder has 32-wide heads and a 4x MLP (512 x 8 gives MAE's, and ViTMAEConfig's, default decoder).
+    `kwargs` go to the config (e.g. attn_implementation). The peer of both benchmarks.
+    """
+    return ViTMAEConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        qkv_bias=config.qkv_bias,
+        layer_norm_eps=config.layer_norm_eps,
+        mask_ratio=0.75,
+        norm_pix_loss=True,
+        decoder_hidden_size=decoder_hidden_size,
+        decoder_num_hidden_layers=decoder_num_hidden_layers,
+        decoder_num_attention_heads=max(1, decoder_hidden_size // 32),
+        decoder_intermediate_size=4 * decoder_hidden_size,
+        **kwargs,
+    )
+
+
 # ------------------------------------------------------------------------------------------------- training steps
 def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the groups of `train_extrema.param_groups` (not imported: that module needs `datasets`), fused."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or name.endswith("cls_token") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    """The training script's AdamW: its weight-decay groups (`train_extrema.param_groups`), fused."""
+    groups = param_groups(model, weight_decay=0.1)
     return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
 
 
@@ -214,9 +239,7 @@ def release_cpu_memory():
         pass
 
 
-def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
+def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, ViTMAEConfig]:
     def extrema_config(attn_implementation: str) -> ExtremaConfig:
         overrides = {"image_size": args.image_size} if args.image_size else {}
         return ExtremaConfig.from_preset(
@@ -228,16 +251,7 @@ def build_runs(args, device) -> tuple[list[Run], ExtremaConfig, object]:
         )
 
     config = extrema_config(args.attn_implementation[0])
-    peer_config = ViTMAEConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        mask_ratio=0.75,  # the MAE recipe; decoder 512 x 8 with 16 heads are ViTMAEConfig's defaults
-        attn_implementation="sdpa",
-    )
+    peer_config = vitmae_config_like(config, attn_implementation="sdpa")
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch_size, 3, config.image_size, config.image_size)
     images = [torch.randn(shape, generator=generator) for _ in ("student view", "teacher view")]
@@ -377,10 +391,7 @@ def benchmark_model(args):
 
 # ---------------------------------------------------------------------------------------------------- data pipeline
 def benchmark_data(args):
-    try:  # the training script's own decoding and augmentation, so that the numbers are the training pipeline's
-        from train_extrema import build_train_transform, decode_image, device_views
-    except ImportError as error:
-        raise SystemExit(f"The data mode needs train_extrema.py and its dependencies (datasets): {error}")
+    """The training pipeline's own decoding and augmentation (`data_extrema`), timed stage by stage."""
     import pyarrow.parquet as pq
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -388,7 +399,7 @@ def benchmark_data(args):
     data_dir = Path(args.data_dir or os.environ.get("EXTREMA_IMAGENET_SAMPLE_DIR", default_dir))
     files = sorted(data_dir.glob("*.parquet"))
     if not files:
-        raise SystemExit(f"No Parquet files in {data_dir}; pass --data-dir or set EXTREMA_IMAGENET_SAMPLE_DIR.")
+        raise SystemExit(f"No Parquet files in {data_dir}; pass --data_dir or set EXTREMA_IMAGENET_SAMPLE_DIR.")
     jpegs = [cell["bytes"] for f in files for cell in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
     jpegs = jpegs[: args.num_images]
     args.image_size = args.image_size or 224
@@ -397,7 +408,7 @@ def benchmark_data(args):
     # a view is (uint8 image, colour parameters) only for the augmentations that have a colour part
     has_color = isinstance(on_device(decode_image(jpegs[0]))[0], tuple)
     print(f"{len(jpegs)} JPEGs from {data_dir} (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB)")
-    print(f"train_extrema.build_train_transform({args.augmentation!r}, {args.image_size}), one thread per worker")
+    print(f"data_extrema.build_train_transform({args.augmentation!r}, {args.image_size}), one thread per worker")
     print(f"load average before: {load_average()}")
 
     stages = {"decode (PIL, to RGB)": decode_image}
@@ -439,7 +450,7 @@ def benchmark_data(args):
             next(batches)
         start, count = time.perf_counter(), 0
         for batch in batches:
-            device_views(batch, device)  # as the training step gets it: copied, and coloured with --color-on-device
+            device_views(batch, device)  # as the training step gets it: copied, and coloured with --color_on_device
             count += len(batch["pixel_values"])
         synchronize(device)
         rate = count / (time.perf_counter() - start)
@@ -454,11 +465,9 @@ def benchmark_data(args):
 def color_on_device_rate(on_device, jpegs: list[bytes], args, device) -> float:
     """Images/s of `device_views` on a loader-like batch: pinned uint8 crops + colour parameters -> model inputs.
 
-    The batch is built from the JPEGs (repeated up to --color-batch-size) with the training transform, collated as
+    The batch is built from the JPEGs (repeated up to --color_batch_size) with the training transform, collated as
     the DataLoader does; each timed call copies it to the device and colour-augments and normalises both views.
     """
-    from train_extrema import decode_image, device_views, view_fields
-
     torch.manual_seed(0)
     samples = [view_fields(*on_device(decode_image(jpegs[i % len(jpegs)]))) for i in range(args.color_batch_size)]
     batch = torch.utils.data.default_collate(samples)
@@ -475,7 +484,7 @@ def color_on_device_rate(on_device, jpegs: list[bytes], args, device) -> float:
 
 
 class JpegPairs(torch.utils.data.Dataset):
-    """JPEG bytes -> a sample's image fields (`train_extrema.view_fields`), as the training stream makes them."""
+    """JPEG bytes -> a sample's image fields (`data_extrema.view_fields`), as the training stream makes them."""
 
     def __init__(self, jpegs: list[bytes], transform, length: int):
         self.jpegs, self.transform, self.length = jpegs, transform, length
@@ -484,8 +493,6 @@ class JpegPairs(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index):
-        from train_extrema import decode_image, view_fields
-
         return view_fields(*self.transform(decode_image(self.jpegs[index % len(self.jpegs)])))
 
 
@@ -493,10 +500,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("model", "data"), default="model")
     parser.add_argument("--model", default="vit-small-patch16", choices=sorted(PRESETS), help="ExtreMA preset")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the preset's (224; tiny: 32)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--mask-ratio", type=float, default=0.8)
-    parser.add_argument("--num-masks", type=int, default=5)
+    parser.add_argument("--image_size", type=int, default=None, help="default: the preset's (224; tiny: 32)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--mask_ratio", type=float, default=0.8)
+    parser.add_argument("--num_masks", type=int, default=5)
     parser.add_argument(
         "--precision",
         nargs="+",
@@ -505,14 +512,14 @@ def main(argv=None):
         help="ExtreMA precisions to time (bfloat16 = autocast)",
     )
     parser.add_argument(
-        "--peer-precision",
+        "--peer_precision",
         nargs="+",
         default=None,
         choices=("float32", "bfloat16", "none"),
         help="ViTMAE precisions (default: float32 on CPU, bfloat16 on CUDA; none skips the peer)",
     )
     parser.add_argument(
-        "--attn-implementation",
+        "--attn_implementation",
         nargs="+",
         default=None,
         choices=("sdpa", "eager"),
@@ -520,20 +527,20 @@ def main(argv=None):
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds; each runs every configuration in turn")
-    parser.add_argument("--steps-per-round", type=int, default=1, help="steps per configuration and round")
+    parser.add_argument("--steps_per_round", type=int, default=1, help="steps per configuration and round")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
-    parser.add_argument("--data-dir", default=None, help="Parquet image dataset (data mode)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
+    parser.add_argument("--data_dir", default=None, help="Parquet image dataset (data mode)")
     parser.add_argument("--augmentation", default="shared_crop_color", help="train_extrema augmentation (data mode)")
-    parser.add_argument("--num-images", type=int, default=1000, help="JPEGs to decode (data mode)")
+    parser.add_argument("--num_images", type=int, default=1000, help="JPEGs to decode (data mode)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts (data mode)")
     parser.add_argument(
-        "--color-batch-size", type=int, default=256, help="batch of the colour-on-the-device timing (data mode)"
+        "--color_batch_size", type=int, default=256, help="batch of the colour-on-the-device timing (data mode)"
     )
     parser.add_argument(
-        "--color-on-device",
+        "--color_on_device",
         action="store_true",
         help="DataLoader runs with the colour on the device, as train_extrema.py --color_on_device (data mode)",
     )

@@ -11,15 +11,12 @@ The architecture is read from the tensors; only the head count cannot be, so it 
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configuration_extrema import ExtremaConfig  # noqa: E402
-from modeling_extrema import ExtremaForPreTraining, ExtremaModel  # noqa: E402
+from configuration_extrema import ExtremaConfig
+from modeling_extrema import ExtremaForPreTraining, ExtremaModel
 
 # official encoder key -> ExtremaModel key
 ENCODER_RENAMES = [

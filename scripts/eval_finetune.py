@@ -23,7 +23,6 @@ from torchvision.transforms import v2
 from _eval_common import (
     add_eval_args,
     build_classifier,
-    labelled_loader,
     evaluate,
     load_extrema,
     resolve_validation_split,
@@ -32,13 +31,14 @@ from _eval_common import (
     train_classifier,
     write_results,
 )
-from train_extrema import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, get_lr
+from data_extrema import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, labelled_loader
+from train_extrema import get_lr
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser, batch_size=128)
-    parser.add_argument("--base_learning_rate", type=float, default=1e-3, help="lr = base lr x total batch / 256")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="lr = base lr x total batch / 256")
     parser.add_argument("--min_learning_rate", type=float, default=1e-6)
     parser.add_argument("--layer_decay", type=float, default=0.75, help="0.65 for ImageNet-22k pre-training")
     parser.add_argument("--weight_decay", type=float, default=0.05)
@@ -121,7 +121,7 @@ def main(argv=None):
     mix = v2.RandomChoice(mixers) if mixers else None
 
     total_batch = args.batch_size * accelerator.num_processes
-    peak_lr = args.base_learning_rate * total_batch / 256
+    peak_lr = args.learning_rate * total_batch / 256
     optimizer = torch.optim.AdamW(
         layer_decay_param_groups(model, args.weight_decay, args.layer_decay), lr=peak_lr, betas=(0.9, 0.999)
     )

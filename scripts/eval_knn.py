@@ -5,7 +5,7 @@
 
 The gallery is the training split, the queries the validation split. The instance representation (`pooler_output`,
 the class token) is extracted once per split and cached in <output_dir>/features-<split>.safetensors, so that a rerun
-with other k or temperatures does not touch the model. Classification is `train_extrema.weighted_knn` (cosine
+with other k or temperatures does not touch the model. Classification is `eval_extrema.weighted_knn` (cosine
 similarity, votes weighted by exp(similarity / T)), the same function as the training loop's kNN monitor.
 """
 
@@ -16,16 +16,9 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from _eval_common import (
-    UsageError,
-    add_eval_args,
-    labelled_loader,
-    load_extrema,
-    resolve_validation_split,
-    run,
-    write_results,
-)
-from train_extrema import build_eval_transform, extract_features, weighted_knn
+from _eval_common import UsageError, add_eval_args, load_extrema, resolve_validation_split, run, write_results
+from data_extrema import build_eval_transform, labelled_loader
+from eval_extrema import extract_features, weighted_knn
 
 
 def parse_args(argv=None):

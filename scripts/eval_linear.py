@@ -32,7 +32,6 @@ from _eval_common import (
     add_eval_args,
     build_classifier,
     evaluate,
-    labelled_loader,
     load_extrema,
     resolve_validation_split,
     run,
@@ -40,7 +39,8 @@ from _eval_common import (
     train_classifier,
     write_results,
 )
-from train_extrema import build_eval_transform, build_train_transform, get_lr
+from data_extrema import build_eval_transform, build_train_transform, labelled_loader
+from train_extrema import get_lr
 
 
 class LARS(torch.optim.Optimizer):
@@ -73,9 +73,9 @@ class LARS(torch.optim.Optimizer):
 
 # Values of the flags under each --protocol (flags given on the command line win)
 PROTOCOLS = {
-    "small": dict(optimizer="sgd", base_learning_rate=0.1, weight_decay=0.0, momentum=0.9, total_batch_size=None,
+    "small": dict(optimizer="sgd", learning_rate=0.1, weight_decay=0.0, momentum=0.9, total_batch_size=None,
                   num_train_epochs=90, warmup_epochs=1, augmentation="crop"),
-    "paper": dict(optimizer="lars", base_learning_rate=0.1, weight_decay=0.0, momentum=0.9, total_batch_size=4096,
+    "paper": dict(optimizer="lars", learning_rate=0.1, weight_decay=0.0, momentum=0.9, total_batch_size=4096,
                   num_train_epochs=90, warmup_epochs=10, augmentation="crop"),
 }  # fmt: skip
 
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     add_eval_args(parser, batch_size=256)
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="small", help="see above; default: small")
     parser.add_argument("--optimizer", choices=("lars", "sgd"))
-    parser.add_argument("--base_learning_rate", type=float, help="lr = base lr x total batch / 256")
+    parser.add_argument("--learning_rate", type=float, help="lr = base lr x total batch / 256")
     parser.add_argument("--weight_decay", type=float)
     parser.add_argument("--momentum", type=float)
     parser.add_argument(
@@ -142,7 +142,7 @@ def main(argv=None):
     eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
 
     total_batch = args.batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
-    peak_lr = args.base_learning_rate * total_batch / 256
+    peak_lr = args.learning_rate * total_batch / 256
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "lars":
         optimizer = LARS(trainable, lr=peak_lr, weight_decay=args.weight_decay, momentum=args.momentum)

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # One short GPU session (~5 minutes on one H100; at most 9 if every time limit is hit): the environment, the GPU
 # tests, and the training throughput of ExtreMA ViT-B/16 (224 px, ratio 0.8 x 5 and x 1 masks, bf16 autocast)
-# against ViTMAEForPreTraining, with MFU; then the data pipeline if the JPEGs and `datasets` are there, with the
+# against ViTMAEForPreTraining, with MFU; then the data pipeline if the JPEGs are there, with the
 # colour augmentation on the GPU as `train_extrema.py --color_on_device` (the ImageNet recipes) does it.
 #
-#   bash scripts/gpu_check.sh            # from anywhere; needs torch, transformers (and accelerate for the tests)
+#   bash scripts/gpu_check.sh            # from anywhere, with the project installed (pip install -e .)
 #   MODEL=tiny BATCH=8 bash scripts/gpu_check.sh   # a quick dry run of the script itself, e.g. on a CPU
 #
-# `datasets` may be absent: only tests and benchmark modes that import train_extrema need it, and they are skipped.
 # Every step has its own time limit, so that one hang cannot eat the session; the exit status is 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,24 +35,24 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
 PY
 
 # GPU tests: every test whose name says cuda or gpu (they skip themselves without a GPU). Modules that cannot be
-# imported here (e.g. without `datasets`) are reported and skipped instead of stopping the run.
+# imported here are reported and skipped instead of stopping the run.
 run 90 python -m pytest tests -q -rs -k "cuda or gpu" --continue-on-collection-errors -p no:cacheprovider
 
-BENCH=(python scripts/benchmark_throughput.py --model "$MODEL" --batch-size "$BATCH" --precision bfloat16)
-run 120 "${BENCH[@]}" --num-masks 5 --peer-precision bfloat16 --warmup 5 --rounds 8 --steps-per-round 3
-run 90 "${BENCH[@]}" --num-masks 1 --peer-precision bfloat16 --warmup 5 --rounds 8 --steps-per-round 3
+BENCH=(python scripts/benchmark_throughput.py --model "$MODEL" --batch_size "$BATCH" --precision bfloat16)
+run 120 "${BENCH[@]}" --num_masks 5 --peer_precision bfloat16 --warmup 5 --rounds 8 --steps_per_round 3
+run 90 "${BENCH[@]}" --num_masks 1 --peer_precision bfloat16 --warmup 5 --rounds 8 --steps_per_round 3
 # torch.compile last: the slowest step, and the numbers above do not depend on it
-run 150 "${BENCH[@]}" --num-masks 5 --peer-precision none --compile --warmup 3 --rounds 5 --steps-per-round 3
+run 150 "${BENCH[@]}" --num_masks 5 --peer_precision none --compile --warmup 3 --rounds 5 --steps_per_round 3
 
-# Data pipeline on real JPEGs, when they and `datasets` (train_extrema) are here: per CPU worker with the colour in
+# Data pipeline on real JPEGs, when they are here: per CPU worker with the colour in
 # the worker and with only decode + crop + flip (+ colour parameters), the colour of a batch of 256 on the GPU, and
-# DataLoader throughput with the colour on the GPU (--color-on-device)
+# DataLoader throughput with the colour on the GPU (--color_on_device)
 DATA=${EXTREMA_IMAGENET_SAMPLE_DIR:-../shared/data/imagenet-sample}
-if [ -d "$DATA" ] && python -c "import datasets" 2>/dev/null; then
-  run 90 python scripts/benchmark_throughput.py --mode data --data-dir "$DATA" --num-images 500 --workers 1 4 8 12 \
-    --color-on-device
+if [ -d "$DATA" ]; then
+  run 90 python scripts/benchmark_throughput.py --mode data --data_dir "$DATA" --num_images 500 --workers 1 4 8 12 \
+    --color_on_device
 else
-  echo; echo "=== data pipeline skipped: no $DATA (set EXTREMA_IMAGENET_SAMPLE_DIR) or no datasets"
+  echo; echo "=== data pipeline skipped: no $DATA (set EXTREMA_IMAGENET_SAMPLE_DIR)"
 fi
 
 echo

@@ -34,7 +34,7 @@ from _eval_common import (
     save_grid,
     write_results,
 )
-from train_extrema import build_eval_transform
+from data_extrema import build_eval_transform
 
 
 def parse_args(argv=None):

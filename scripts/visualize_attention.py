@@ -33,7 +33,7 @@ from _eval_common import (
     save_grid,
     write_results,
 )
-from train_extrema import build_eval_transform
+from data_extrema import build_eval_transform
 
 CLASS_COLOR = (1.0, 1.0, 0.0)  # yellow: the class-attention map
 

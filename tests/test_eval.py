@@ -29,7 +29,8 @@ import visualize_attention  # noqa: E402
 from _eval_common import GRID_PADDING, UsageError, load_extrema  # noqa: E402
 from configuration_extrema import ExtremaConfig  # noqa: E402
 from modeling_extrema import ExtremaModel  # noqa: E402
-from train_extrema import build_eval_transform, load_image_stream, weighted_knn  # noqa: E402
+from data_extrema import build_eval_transform, load_image_stream  # noqa: E402
+from eval_extrema import weighted_knn  # noqa: E402
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 
@@ -162,7 +163,7 @@ def test_a_model_that_is_not_extrema_is_refused(tmp_path, colors_dir):
 
 def test_linear_probe_learns_separable_classes(model_dir, colors_dir, tmp_path):
     args = common(model_dir, colors_dir, tmp_path) + [
-        "--optimizer", "sgd", "--base_learning_rate", "4", "--batch_size", "16", "--num_train_epochs", "4",
+        "--optimizer", "sgd", "--learning_rate", "4", "--batch_size", "16", "--num_train_epochs", "4",
         "--warmup_epochs", "1", "--augmentation", "none",
     ]  # fmt: skip
     results = eval_linear.main(args)
@@ -195,7 +196,7 @@ def test_paper_protocol_accumulates_gradients_up_to_its_total_batch(model_dir, c
     assert results["steps"] == 2  # 48 images: one optimizer step per epoch, over 3 batches
     assert results["peak_lr"] == pytest.approx(0.1 * 48 / 256)
     overridden = eval_linear.parse_args(args + ["--optimizer", "sgd"])  # flags given explicitly win
-    assert (overridden.optimizer, overridden.base_learning_rate, overridden.num_train_epochs) == ("sgd", 0.1, 2)
+    assert (overridden.optimizer, overridden.learning_rate, overridden.num_train_epochs) == ("sgd", 0.1, 2)
     with pytest.raises(UsageError, match="multiple of --batch_size"):
         eval_linear.main(args + ["--total_batch_size", "40"])
 
@@ -254,7 +255,7 @@ def test_layer_decay_groups_scale_lr_by_depth(model_dir):
 
 def test_finetuning_learns_separable_classes(model_dir, colors_dir, tmp_path):
     args = common(model_dir, colors_dir, tmp_path) + [
-        "--base_learning_rate", "0.02", "--batch_size", "16", "--num_train_epochs", "4", "--warmup_epochs", "1",
+        "--learning_rate", "0.02", "--batch_size", "16", "--num_train_epochs", "4", "--warmup_epochs", "1",
         "--no-randaugment", "--mixup", "0", "--cutmix", "0", "--drop_path_rate", "0",
     ]  # fmt: skip
     results = eval_finetune.main(args)
@@ -337,7 +338,7 @@ def test_locality_retrieval_finds_the_box_the_query_was_cut_from(model_dir, colo
 
 def test_quality_benchmark_reports_every_method(colors_dir, tmp_path):
     args = ["--train_dir", str(colors_dir), "--output_dir", str(tmp_path), "--num_workers", "0",
-            "--max_train_steps", "2", "--batch_size", "8", "--k", "5"]  # fmt: skip
+            "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--k", "5"]  # fmt: skip
     results = benchmark_quality.main(args)
     rows = {row["method"].split(" (")[0]: row for row in results["rows"]}
     assert list(rows) == ["ExtreMA, byol", "ExtreMA, infonce", "ViTMAE", "ExtreMA untrained", "raw pixels"]

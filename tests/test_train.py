@@ -1,27 +1,23 @@
-"""Tests of train_extrema.py: data stream, augmentations, kNN, schedules, resume, 2 processes, export.
+"""Tests of train_extrema.py: kNN, schedules, command line, resume, 2 processes, export (the data: test_data.py).
 
 Everything runs on tiny Parquet datasets written by `_train_data.py`, the `tiny` config and batches of a few images.
 """
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import huggingface_hub
-import numpy as np
-import PIL.Image
 import pytest
 import torch
-import torchvision.transforms.v2.functional as F
-from _train_data import png_bytes, write_image_parquet
+from _train_data import write_image_parquet
 from safetensors.torch import load_file
-from torchvision.transforms import v2
 
-import train_extrema as te  # the repository root is on sys.path (conftest.py)
+import data_extrema as de  # the repository root is on sys.path (conftest.py)
+import eval_extrema as ee
+import train_extrema as te
 from configuration_extrema import ExtremaConfig
 from modeling_extrema import ExtremaForPreTraining, ExtremaModel
 
@@ -68,16 +64,16 @@ def test_weighted_knn_matches_a_reference_and_chunking():
     train_y, test_y = torch.randint(0, 8, (300,), generator=generator), torch.randint(0, 8, (70,), generator=generator)
     train_x = centers[train_y] + 1.5 * torch.randn(300, 16, generator=generator)
     test_x = centers[test_y] + 1.5 * torch.randn(70, 16, generator=generator)
-    result = te.weighted_knn(train_x, train_y, test_x, test_y, k=20, temperature=0.07, chunk_size=16)
+    result = ee.weighted_knn(train_x, train_y, test_x, test_y, k=20, temperature=0.07, chunk_size=16)
     top1, top5 = reference_knn(train_x, train_y, test_x, test_y, 20, 0.07, 8)
     assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
     assert 30 < result["top1"] < 100  # neither trivial nor chance (12.5%)
-    assert te.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=1000) == result
+    assert ee.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=1000) == result
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the training loop's kNN runs inside the step's autocast
-        assert te.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=16) == result
-        assert te.weighted_knn(train_x.bfloat16(), train_y, test_x.bfloat16(), test_y, k=20)["top1"] > 30
+        assert ee.weighted_knn(train_x, train_y, test_x, test_y, k=20, chunk_size=16) == result
+        assert ee.weighted_knn(train_x.bfloat16(), train_y, test_x.bfloat16(), test_y, k=20)["top1"] > 30
     # well separated clusters are classified perfectly; k larger than the gallery is clamped
-    perfect = te.weighted_knn(centers, torch.arange(8), centers * 2, torch.arange(8), k=1000)
+    perfect = ee.weighted_knn(centers, torch.arange(8), centers * 2, torch.arange(8), k=1000)
     assert perfect == {"top1": 100.0, "top5": 100.0}
 
 
@@ -171,287 +167,6 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, flags):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Images and augmentations
-
-
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "P+transparency", "RGBA", "CMYK", "I;16", "1"])
-def test_decode_image_converts_every_mode_to_rgb(mode):
-    transparent = mode in ("LA", "RGBA", "P+transparency")
-    image = PIL.Image.new("RGBA", (6, 5), (10, 200, 30, 0 if transparent else 255)).convert(mode.split("+")[0])
-    if mode == "P+transparency":
-        image.info["transparency"] = image.getpixel((0, 0))  # that palette entry is transparent
-    buffer = io.BytesIO()
-    image.save(buffer, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
-    decoded = te.decode_image({"bytes": buffer.getvalue(), "path": None})
-    assert decoded.mode == "RGB" and decoded.size == (6, 5)
-    if transparent:  # transparent pixels are laid on white
-        assert decoded.getpixel((0, 0)) == (255, 255, 255)
-
-
-def test_decode_image_returns_none_for_broken_images():
-    assert te.decode_image({"bytes": b"<html>404</html>", "path": None}) is None
-    assert te.decode_image(png_bytes(PIL.Image.new("RGB", (8, 8)))[:30]) is None  # truncated
-    assert te.decode_image(np.zeros((4, 4, 3), dtype=np.uint8)).size == (4, 4)
-
-
-def spatial_correlation(a, b):
-    return float(np.corrcoef(a[0].flatten().numpy(), b[0].flatten().numpy())[0, 1])
-
-
-def test_train_transforms_share_or_draw_views_as_in_table_4():
-    # a gray image with structure: colour jitter changes its intensities monotonically, a crop changes its layout
-    rng = np.random.default_rng(0)
-    gray = (np.kron(rng.random((8, 8)), np.ones((8, 8))) * 255).astype(np.uint8)
-    image = PIL.Image.fromarray(gray).convert("RGB")
-    torch.manual_seed(0)
-    for augmentation in te.AUGMENTATIONS:
-        student, teacher = te.build_train_transform(augmentation, 32)(image)
-        assert student.shape == teacher.shape == (3, 32, 32) and student.dtype == torch.float32
-    same = {"center", "color", "crop"}
-    for augmentation in same:
-        student, teacher = te.build_train_transform(augmentation, 32)(image)
-        assert torch.equal(student, teacher), augmentation
-    center, _ = te.build_train_transform("center", 32)(image)
-    assert torch.equal(center, te.build_eval_transform(32)(image))  # "no augmentation" is the evaluation view
-    shared = [spatial_correlation(*te.build_train_transform("shared_crop_color", 32)(image)) for _ in range(20)]
-    independent = [spatial_correlation(*te.build_train_transform("crop_color", 32)(image)) for _ in range(20)]
-    assert min(shared) > 0.9  # one crop: the same layout under two colourings
-    assert np.mean(independent) < 0.6  # two crops: different layouts
-    with pytest.raises(te.UsageError, match="Unknown augmentation"):
-        te.build_train_transform("mixup", 32)
-
-
-def reference_colors(image, params):
-    """torchvision v2's float kernels, one image at a time, with the choices in a `ColorParameters` row."""
-    ops = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
-    if params[0]:
-        for op in params[5:9].long().tolist():
-            image = ops[op](image, params[1 + op].item())
-    return F.rgb_to_grayscale(image, num_output_channels=3) if params[9] else image
-
-
-def test_adjust_colors_matches_torchvision_image_by_image():
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(48, 3, 12, 12, generator=generator)
-    images[:, :, 0] = images[:, :1, 0]  # gray pixels (no hue), and black and white ones
-    images[:, :, 1, :6], images[:, :, 1, 6:] = 0.0, 1.0
-    torch.manual_seed(0)
-    params = torch.stack([te.ColorParameters()(None)[1] for _ in range(48)])  # (48, 10)
-    # 8 images with one op alone, at the lower and the upper end of its range (the other factors neutral)
-    params[:8, 0], params[:8, 1:5] = 1.0, torch.tensor([1.0, 1.0, 1.0, 0.0])
-    for i in range(8):
-        params[i, 1 + i % 4] = (0.6, 0.6, 0.8, -0.1, 1.4, 1.4, 1.2, 0.1)[i]
-    assert params[:, 0].any() and not params[:, 0].all() and params[:, 9].any() and not params[:, 9].all()
-    batched = te.adjust_colors(images, params)
-    for image, row, out in zip(images, params, batched):
-        torch.testing.assert_close(out, reference_colors(image, row), atol=1e-5, rtol=0)
-    # from uint8 pixels to the normalised input of the model, as _normalize() does it
-    pixels = (images * 255).round().to(torch.uint8)
-    expected = torch.stack([F.normalize(reference_colors(F.to_dtype(x, torch.float32, scale=True), row),
-                                        te.IMAGENET_MEAN, te.IMAGENET_STD) for x, row in zip(pixels, params)])  # fmt: skip
-    torch.testing.assert_close(te.color_augment(pixels, params), expected, atol=1e-5, rtol=0)
-
-
-def test_color_parameters_draw_what_torchvision_draws(monkeypatch):
-    jitter = v2.RandomApply([v2.ColorJitter(*te.COLOR_JITTER)], p=te.COLOR_JITTER_P)
-    grayscale = v2.RandomGrayscale(p=te.GRAYSCALE_P)
-    drawn = {}
-    monkeypatch.setattr(jitter.transforms[0], "transform", lambda image, params: drawn.update(jitter=params) or image)
-    monkeypatch.setattr(grayscale, "transform", lambda image, params: drawn.update(gray=True) or image)
-    image, seen = torch.zeros(3, 4, 4), set()
-    for seed in range(100):
-        drawn.clear()
-        torch.manual_seed(seed)
-        grayscale(jitter(image))
-        after_torchvision = torch.rand(1)
-        torch.manual_seed(seed)
-        params = te.ColorParameters()(image)[1]
-        assert torch.equal(torch.rand(1), after_torchvision)  # the same number of draws
-        assert bool(params[0]) == ("jitter" in drawn) and bool(params[9]) == ("gray" in drawn)
-        if "jitter" in drawn:
-            choices = drawn["jitter"]
-            assert params[5:9].tolist() == choices["fn_idx"].tolist()
-            factors = [choices[f"{name}_factor"] for name in ("brightness", "contrast", "saturation", "hue")]
-            assert params[1:5].tolist() == factors  # exactly: the same float32 draws
-        seen.add((bool(params[0]), bool(params[9])))
-    assert seen == {(False, False), (False, True), (True, False), (True, True)}
-
-
-@pytest.mark.parametrize("augmentation", te.AUGMENTATIONS)
-def test_color_on_device_makes_the_random_choices_of_the_cpu_path(augmentation):
-    """Under one image seed, both paths crop, flip and colour alike, and draw the same mask noise after."""
-    rng = np.random.default_rng(0)
-    image = PIL.Image.fromarray((np.kron(rng.random((6, 7, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8))
-    on_cpu = te.build_train_transform(augmentation, 32)
-    on_device = te.build_train_transform(augmentation, 32, color_on_device=True)
-    to_levels = torch.tensor(te.IMAGENET_STD)[:, None, None] * 255  # normalised differences -> uint8 levels
-    differences = []
-    for seed in range(40):
-        torch.manual_seed(seed)
-        expected, noise = te.view_fields(*on_cpu(image)), torch.rand(16)
-        torch.manual_seed(seed)
-        fields = te.view_fields(*on_device(image))
-        assert torch.equal(torch.rand(16), noise)
-        assert fields["pixel_values"].dtype == (torch.float32 if augmentation in ("center", "crop") else torch.uint8)
-        batch = {key: value[None] for key, value in fields.items()}  # a batch of one, as collated
-        student, teacher = te.device_views(batch, torch.device("cpu"))
-        assert (teacher is None) == ("pixel_values_teacher" not in expected)
-        for view, key in ((student, "pixel_values"), (teacher, "pixel_values_teacher")):
-            if view is not None:
-                differences.append(((view[0] - expected[key]) * to_levels).abs().max().item())
-    # The CPU path truncates to uint8 after every op (and floors its grayscale images): measured at most 4.6, 4.7 and
-    # 4.3 levels for color, crop_color and shared_crop_color, 0 where no colour op applies; the colour parameters of
-    # another seed differed from the CPU path's view by 47 levels or more.
-    assert max(differences) < 6 and min(differences) == 0
-    if augmentation in ("center", "crop"):  # no colour part: the flag changes nothing
-        assert max(differences) == 0
-    sent = {
-        "center": ["pixel_values"],
-        "crop": ["pixel_values"],
-        "color": ["color_student", "pixel_values"],  # one view for both branches
-        "crop_color": ["color_student", "color_teacher", "pixel_values", "pixel_values_teacher"],
-        "shared_crop_color": ["color_student", "color_teacher", "pixel_values"],  # one uint8 crop for both views
-    }
-    assert sorted(fields) == sent[augmentation]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by scripts/gpu_check.sh)")
-def test_cuda_color_augment_never_waits_and_matches_the_cpu():
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    torch.manual_seed(0)
-    params = torch.stack([te.ColorParameters()(None)[1] for _ in range(64)]).pin_memory()
-    expected = te.color_augment(pixels, params)
-    pixels = pixels.cuda()
-    te.color_augment(pixels, params)  # first calls load kernels
-    torch.cuda.set_sync_debug_mode("error")  # raises on any call that makes the host wait for the GPU
-    try:
-        augmented = te.color_augment(pixels, params)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(augmented.cpu(), expected, atol=1e-5, rtol=0)
-
-
-def test_eval_transform_normalises_with_imagenet_statistics():
-    out = te.build_eval_transform(32)(PIL.Image.new("RGB", (50, 40), (124, 116, 104)))
-    assert out.shape == (3, 32, 32)
-    expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(te.IMAGENET_MEAN)) / torch.tensor(te.IMAGENET_STD)
-    assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data sources
-
-
-def test_load_image_stream_skips_broken_images_and_detects_columns(tmp_path):
-    images = write_image_parquet(tmp_path / "data", num_images=12, num_shards=2, broken={3, 7}, column="img")
-    rows = list(te.load_image_stream(train_dir=tmp_path / "data", split="train"))
-    assert len(rows) == 10
-    assert all(r["image"].mode == "RGB" and r["image"].size == (32, 32) for r in rows)
-    assert [r["label"] for r in rows] == [i % 4 for i in range(12) if i not in (3, 7)]
-    first = np.asarray(PIL.Image.open(io.BytesIO(images[0])))
-    assert np.array_equal(np.asarray(rows[0]["image"]), first)
-    with pytest.raises(te.UsageError, match=r"no split 'validation'.*\['train'\]"):
-        te.load_image_stream(train_dir=tmp_path / "data", split="validation")
-    with pytest.raises(te.UsageError, match="--image_column 'photo'"):
-        te.load_image_stream(train_dir=tmp_path / "data", image_column="photo")
-    with pytest.raises(te.UsageError, match="not a folder"):
-        te.load_image_stream(train_dir=tmp_path / "missing")
-    with pytest.raises(te.UsageError, match="either --dataset_name or --train_dir"):
-        te.load_image_stream(dataset_name="uoft-cs/cifar10", train_dir=tmp_path / "data")
-
-
-def test_detect_columns_for_hub_layouts():
-    webdataset = datasets.Features(
-        {"__key__": datasets.Value("string"), "jpg": datasets.Image(), "cls": datasets.Value("int64")}
-    )
-    assert te.detect_columns(webdataset) == ("jpg", "cls")
-    cifar = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
-    assert te.detect_columns(cifar) == ("img", "label")
-    assert te.detect_columns(datasets.Features({"image": datasets.Image()})) == ("image", None)
-    with pytest.raises(te.UsageError, match="No image column"):
-        te.detect_columns(datasets.Features({"text": datasets.Value("string")}))
-
-
-def write_idx(path, array):
-    import gzip
-
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def test_fashion_mnist_default_is_converted_once_to_parquet(tmp_path, monkeypatch):
-    source = tmp_path / "idx"
-    source.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 30), ("t10k", 10)):
-        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    rows = list(te.load_image_stream(split="test", fashion_mnist_dir=source))
-    assert [r["label"] for r in rows] == list(range(10))
-    assert rows[0]["image"].mode == "RGB" and rows[0]["image"].size == (28, 28)
-    cache = tmp_path / "cache" / "extrema" / "fashion-mnist-parquet"
-    assert len(list(cache.glob("train-*.parquet"))) == 6
-    assert te.count_examples(te.open_dataset(fashion_mnist_dir=source), "train") == 30
-    with pytest.raises(te.UsageError, match="apt-get install dataset-fashion-mnist"):
-        te.prepare_fashion_mnist(tmp_path / "nowhere", cache_dir=tmp_path / "other")
-
-
-def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
-    for num_shards in (4, 1):  # whole shards per rank, and 1 row in 2 when the shards cannot be split
-        folder = tmp_path / f"shards{num_shards}"
-        images = write_image_parquet(folder, num_images=24, num_shards=num_shards)
-        raw = te.load_raw_stream(te.open_dataset(train_dir=folder), "train")
-        ranks = [te.rank_dataset(raw, rank, world_size=2, seed=0, buffer_size=8) for rank in (0, 1)]
-        seen = [[row["image"]["bytes"] for row in ranks[rank]] for rank in (0, 1)]
-        assert not set(seen[0]) & set(seen[1])
-        assert sorted(seen[0] + seen[1]) == sorted(images)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The training stream resumes exactly, whatever the number of workers
-
-
-def take_batches(dataset, args, position, count):
-    transform = te.build_train_transform("shared_crop_color", 32, color_on_device=args.color_on_device)
-    batches = te.training_batches(dataset, transform, args, (64,), position, torch.device("cpu"))
-    return [next(batches) for _ in range(count)]
-
-
-@pytest.mark.parametrize("color_on_device", [False, True], ids=["color_on_cpu", "color_on_device"])
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_training_stream_resumes_exactly(tmp_path, num_workers, color_on_device):
-    write_image_parquet(tmp_path / "data", num_images=20, num_shards=3, broken={4})
-    raw = te.load_raw_stream(te.open_dataset(train_dir=tmp_path / "data"), "train")
-    dataset = te.rank_dataset(raw, 0, 1, seed=0, buffer_size=4)
-    args = te.parse_args(["--train_dir", "x", "--per_device_train_batch_size", "3", "--num_workers", str(num_workers)]
-                         + ["--color_on_device"] * color_on_device)  # fmt: skip
-    position = te.StreamPosition(epoch=1)
-    reference = take_batches(dataset, args, position, 9)  # 27 images from 19 decodable: the stream wraps around
-    assert sum(position.skipped_images.values()) >= 1
-    # shared_crop_color: two float views, or one uint8 crop and the colour parameters of each view
-    on_cpu, on_device = ["pixel_values", "pixel_values_teacher"], ["color_student", "color_teacher", "pixel_values"]
-    views = on_device if color_on_device else on_cpu
-    assert sorted(set(reference[0]) - {"noise", "worker", "rows", "skipped"}) == views
-    assert reference[0]["pixel_values"].dtype == (torch.uint8 if color_on_device else torch.float32)
-    for consumed in (3, 5):
-        position = te.StreamPosition(epoch=1)
-        take_batches(dataset, args, position, consumed)
-        saved = te.StreamPosition.from_json(json.loads(json.dumps(position.to_json())))
-        resumed = take_batches(dataset, args, saved, 9 - consumed)
-        for a, b in zip(reference[consumed:], resumed):
-            for key in views + ["noise"]:
-                assert torch.equal(a[key], b[key])
-    with pytest.raises(te.UsageError, match="resume with --num_workers"):
-        take_batches(dataset, te.parse_args(["--train_dir", "x", "--num_workers", "1"]), saved, 1)
-    # another epoch is another order
-    other = take_batches(dataset, args, te.StreamPosition(epoch=2), 1)[0]
-    assert not torch.equal(other["pixel_values"], reference[0]["pixel_values"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Training runs
 
 
@@ -488,6 +203,15 @@ def test_flags_from_python_act_like_the_command_line():
     assert recipe.dataset_name is None and recipe.knn_k == 20 and recipe.knn_every == 195
     with pytest.raises(TypeError, match="Unknown training flags.*learning_rat"):
         te.parse_args([], learning_rat=1e-3)
+
+
+def test_train_takes_the_flags_as_keywords(monkeypatch):
+    calls = []
+    monkeypatch.setattr(te, "main", calls.append)
+    te.train(train_dir="data", max_train_steps=3, skip_knn=True, recipe="vit-base-mask08x5", color_on_device=False)
+    (args,) = calls
+    assert (args.max_train_steps, args.skip_knn, args.color_on_device, args.num_masks) == (3, True, False, 5)
+    assert args.train_dir == "data" and args.dataset_name is None  # the recipe on the user's data
 
 
 def weights(folder):
@@ -648,7 +372,7 @@ def test_export_loads_with_automodel_in_a_fresh_process(tmp_path):
     assert config["auto_map"]["AutoModel"] == "modeling_extrema.ExtremaModel"
     assert (folder / "modeling_extrema.py").exists() and (folder / "model.safetensors").exists()
     processor = json.loads((folder / "preprocessor_config.json").read_text())
-    assert processor["image_mean"] == list(te.IMAGENET_MEAN) and processor["image_std"] == list(te.IMAGENET_STD)
+    assert processor["image_mean"] == list(de.IMAGENET_MEAN) and processor["image_std"] == list(de.IMAGENET_STD)
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
     assert card.data.license == "apache-2.0" and card.data.datasets == ["uoft-cs/cifar10"]
