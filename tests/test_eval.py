@@ -211,7 +211,7 @@ def test_training_loop_accumulated_batches_make_the_step_of_one_large_batch():
     def train(batch_size: int, accumulation: int):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 3)
-        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
         loader = torch.utils.data.DataLoader(rows, batch_size=batch_size)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
