@@ -303,7 +303,7 @@ RECIPES = {
         knn_train_samples=10_000,
         knn_val_samples=2_000,
         knn_k=20,
-        knn_every=195,  # an epoch of batch 256
+        knn_every_epochs=1,
     ),
     "vit-base-mask08x5": dict(_IMAGENET_1K, mask_ratio=0.8, num_masks=5, augmentation="crop"),
     "vit-base-mask08x5-color": dict(_IMAGENET_1K, mask_ratio=0.8, num_masks=5, augmentation="shared_crop_color"),
@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--logging_steps", type=int, default=10)
     group.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "wandb", "trackio", "none"))
     group.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N steps (0: at start and end)")
+    group.add_argument("--knn_every_epochs", type=float, help="kNN accuracy every N epochs (overrides --knn_every)")
     group.add_argument("--skip_knn", action="store_true", help="no kNN evaluation at all")
     group.add_argument("--knn_train_samples", type=int, default=10_000, help="gallery size (first images of train)")
     group.add_argument("--knn_val_samples", type=int, default=10_000, help="queries (first images of validation)")
@@ -709,6 +710,8 @@ def main(argv=None):
     num_examples = count_examples(builder, args.train_split)
     schedule = plan_schedule(args, num_examples, world_size)
     args.per_device_train_batch_size = schedule.per_device_batch
+    if args.knn_every_epochs:
+        args.knn_every = max(1, round(args.knn_every_epochs * schedule.steps_per_epoch))
     dataset = rank_dataset(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
     knn_enabled = not args.skip_knn and "label" in raw.column_names
     if knn_enabled and args.validation_split is None:

@@ -55,9 +55,11 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--train_dir", help="CIFAR-10 as Parquet shards (default: the Hub's uoft-cs/cifar10)")
     parser.add_argument("--num_train_epochs", type=float, default=3.0)
+    parser.add_argument("--warmup_epochs", type=float, default=0.5)
     parser.add_argument("--knn_train_samples", type=int, default=10_000)
     parser.add_argument("--knn_val_samples", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=256, help="the recipe's")
     parser.add_argument("--num_workers", type=int, default=1)
     args = parser.parse_args(argv)
     unknown = set(args.variants or []) - set(STUDIES[args.study])
@@ -66,31 +68,47 @@ def parse_args(argv=None):
     return args
 
 
-def run_variant(args, name: str, changes: dict) -> dict:
-    """One pre-training of the recipe with `changes`; returns its kNN curve (epochs, top-1) and wall time."""
-    folder = Path(args.output_dir) / name.replace(" ", "_").replace("/", "-")
-    flags = {
-        "recipe": "tiny-cifar10",
-        "num_train_epochs": args.num_train_epochs,
-        "knn_train_samples": args.knn_train_samples,
-        "knn_val_samples": args.knn_val_samples,
-        "knn_k": 20,
-        "seed": args.seed,
-        "num_workers": args.num_workers,
-        "report_to": "none",
-        "output_dir": str(folder),
-        **({"train_dir": args.train_dir} if args.train_dir else {"dataset_name": "uoft-cs/cifar10"}),
-        **changes,
-    }
+def run_variant(folder: Path, changes: dict, train_dir=None, **budget) -> dict:
+    """One pre-training of the recipe with `changes`; returns its kNN curve (epochs, top-1), wall time and export.
+
+    `budget`: num_train_epochs, warmup_epochs, knn_train_samples, knn_val_samples, seed, num_workers.
+    """
     start = time.perf_counter()
-    result = train_extrema.train(**flags)
+    result = train_extrema.train(
+        recipe="tiny-cifar10",
+        **({"train_dir": train_dir} if train_dir else {"dataset_name": "uoft-cs/cifar10"}),
+        **budget,
+        knn_k=20,
+        report_to="none",
+        output_dir=str(folder),
+        **changes,
+    )
     epochs_per_step = 1 / result["steps_per_epoch"]
     return {
         "changes": changes,
         "epochs": [round(point["step"] * epochs_per_step, 3) for point in result["knn_history"]],
         "knn_top1": [point["top1"] for point in result["knn_history"]],
         "wall_s": round(time.perf_counter() - start),
+        "steps": result["step"],
+        "steps_per_epoch": result["steps_per_epoch"],
+        "final_dir": result["final_dir"],
     }
+
+
+def run_study(study: str, output_dir, variants=None, train_dir=None, **budget) -> dict:
+    """Run the variants of `study` not yet in <output_dir>/results.json; returns all of its results."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results_path = output_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"variants": {}}
+    results.update(study=study, recipe="tiny-cifar10", **budget)
+    for name, changes in STUDIES[study].items():
+        if (variants and name not in variants) or name in results["variants"]:
+            continue
+        folder = output_dir / name.replace(" ", "_").replace("/", "-")
+        results["variants"][name] = run_variant(folder, changes, train_dir, **budget)
+        results_path.write_text(json.dumps(results, indent=2))  # after every variant: a stopped study continues
+    return results
 
 
 def markdown_table(results: dict) -> str:
@@ -114,7 +132,8 @@ def plot_curves(results: dict, path: Path):
         ax.plot(run["epochs"], run["knn_top1"], marker="o", label=name)
     ax.set_xlabel("epoch of CIFAR-10")
     ax.set_ylabel("kNN top-1 (%), k=20, teacher class token")
-    ax.set_title(f"ExtreMA tiny on CIFAR-10: {results['study']} study (seed {results['seed']})")
+    epochs = results["num_train_epochs"]
+    ax.set_title(f"ExtreMA tiny on CIFAR-10, {epochs:g} epochs: {results['study']} study (seed {results['seed']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -124,19 +143,15 @@ def plot_curves(results: dict, path: Path):
 
 def main(argv=None):
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    results_path = output_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"variants": {}}
-    results.update(study=args.study, seed=args.seed, num_train_epochs=args.num_train_epochs, recipe="tiny-cifar10")
-    for name, changes in STUDIES[args.study].items():
-        if (args.variants and name not in args.variants) or name in results["variants"]:
-            continue
-        results["variants"][name] = run_variant(args, name, changes)
-        results_path.write_text(json.dumps(results, indent=2))  # after every variant: a stopped study continues
+    budget = {
+        name: getattr(args, name)
+        for name in ("num_train_epochs", "warmup_epochs", "knn_train_samples", "knn_val_samples", "seed", "num_workers",
+                     "per_device_train_batch_size")
+    }  # fmt: skip
+    results = run_study(args.study, args.output_dir, args.variants, args.train_dir, **budget)
     table = markdown_table(results)
-    (output_dir / "table.md").write_text(table + "\n")
-    plot_curves(results, output_dir / "curves.png")
+    (Path(args.output_dir) / "table.md").write_text(table + "\n")
+    plot_curves(results, Path(args.output_dir) / "curves.png")
     print(table)
     return results
 

@@ -1,26 +1,25 @@
-"""Quality benchmark: kNN accuracy of ExtreMA against its masked-modelling peer at the same CPU budget.
+"""Quality benchmark: what ExtreMA learns on CIFAR-10 against its baselines, at the same budget, on a CPU.
 
-    python scripts/benchmark_quality.py --train_dir ../shared/data/cifar10 --max_train_steps 2340 \
-        --per_device_train_batch_size 256 --warmup_steps 195 --learning_rate 1e-3 --augmentation crop_color \
-        --mixed_precision bf16 --max_train_samples 10000 --max_eval_samples 2000 --output_dir bench/quality
+    python scripts/benchmark_quality.py --train_dir ../shared/data/cifar10 --num_train_epochs 3 --output_dir bench/quality
 
-(12 epochs of CIFAR-10 per pre-training; bf16 autocast is 2.5x faster on CPUs with native bf16 dot products.)
-
-Representations of the same images, each scored by weighted kNN (eval_extrema.weighted_knn, k=20 and 200, T=0.07)
-with a gallery from the training split and queries from the validation split:
-- ExtreMA: the tiny preset pre-trained by train_extrema.train for --max_train_steps steps of
-  --per_device_train_batch_size images, once per objective in --losses (BYOL, the paper's default, and InfoNCE, its
-  Table 6); the teacher's class token (the exported backbone's pooler_output);
+Every pre-training gets the same number of epochs of the same batch (256) and seed:
+- ExtreMA (the tiny preset, `train_extrema.py --recipe tiny-cifar10` through `ablate.run_study("fixes", ...)`):
+  BYOL with the recipe's fixes (centred targets, BatchNorm heads, predictor lr x10), BYOL as the official code trains
+  it (no fix), and InfoNCE (paper, Table 6) with the official heads; features: the teacher's class token;
 - ViTMAE: transformers' ViTMAEForPreTraining with the same encoder (benchmark_throughput.vitmae_config_like), mask
-  ratio 0.75, trained for the same number of steps of the same batch size (the MAE recipe: AdamW (0.9, 0.95), weight
-  decay 0.05, normalised-pixel loss, random resized crop + flip); features are the encoder's patch tokens with
-  masking off, mean-pooled (MAE has no trained instance representation);
-- the untrained ExtreMA network (class token);
-- raw pixels (the normalised image as one vector).
-Every pre-training reports its steps and wall time. Prints a table and writes <output_dir>/results.json.
+  ratio 0.75 (the MAE recipe: AdamW (0.9, 0.95), weight decay 0.05, normalised-pixel loss, random resized crop +
+  flip); features: the encoder's patch tokens with masking off, mean-pooled (MAE has no trained instance token);
+- the untrained ExtreMA network (class token) and raw pixels (the normalised image as one vector).
+Scores, on the same images: weighted kNN top-1 (eval_extrema.weighted_knn, k=20 and 200, T=0.07; gallery: the first
+--max_train_samples training images, queries: the first --max_eval_samples test images) and a linear probe on the
+frozen features (eval_extrema.linear_probe_on_features: trained on the gallery, scored on the queries). Writes
+results.json (with each method's kNN curve, k=20, after every epoch), table.md and curves.png (the paper's Figure 4
+at small scale) to --output_dir. Finished pre-trainings are reused when the command runs again; pass the output_dir
+of an `ablate.py --study fixes` run as --extrema_study_dir to reuse its ExtreMA runs.
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -31,103 +30,80 @@ from tqdm.auto import tqdm
 from transformers import ViTMAEForPreTraining
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+import ablate
 from _eval_common import load_extrema, resolve_validation_split, run, write_results
 from benchmark_throughput import vitmae_config_like
 from data_extrema import add_data_args, build_eval_transform, build_train_transform, labelled_loader
-from eval_extrema import extract_features, weighted_knn
-from train_extrema import get_lr, param_groups, train
+from eval_extrema import extract_features, linear_probe_on_features, weighted_knn
+from train_extrema import get_lr, param_groups
+
+# method in the table -> variant of the `fixes` study of scripts/ablate.py
+EXTREMA_METHODS = {
+    "ExtreMA, BYOL + fixes (tiny-cifar10)": "recipe (BYOL + all fixes)",
+    "ExtreMA, BYOL, official (no fix)": "official BYOL (no fix)",
+    "ExtreMA, InfoNCE, official heads": "InfoNCE (official heads)",
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--max_train_steps", type=int, default=2340, help="optimizer steps of EACH pre-training")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=256, help="images per step, for both")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="base lr x batch / 256, for both")
-    parser.add_argument("--warmup_steps", type=int, help="default: 10%% of the steps")
-    parser.add_argument("--max_train_samples", type=int, default=10_000, help="kNN gallery: first N training images")
-    parser.add_argument("--max_eval_samples", type=int, default=2_000, help="kNN queries: first N validation images")
+    parser.add_argument("--num_train_epochs", type=float, default=3.0, help="epochs of EACH pre-training")
+    parser.add_argument("--warmup_epochs", type=float, default=0.5)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=256, help="the recipe's; for every method")
+    parser.add_argument("--max_train_samples", type=int, default=10_000, help="gallery: first N training images")
+    parser.add_argument("--max_eval_samples", type=int, default=2_000, help="queries: first N validation images")
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--mixed_precision", choices=("no", "bf16"), default="no",
-        help="bf16 autocast for both pre-trainings (2.5x faster on CPUs with native bf16 dot products)",
-    )  # fmt: skip
-    group = parser.add_argument_group("ExtreMA (passed to train_extrema.py)")
-    group.add_argument("--model_config", default="tiny")
-    group.add_argument("--mask_ratio", type=float, default=0.75)
-    group.add_argument("--num_masks", type=int, default=2)
-    # two independent crop + colour views (Table 4's crop + color), the setting of the measured run in the README;
-    # the released ImageNet models share one crop between the branches (shared_crop_color)
-    group.add_argument("--augmentation", default="crop_color")
-    group.add_argument("--ema_momentum", type=float, default=0.99)
-    group.add_argument(
-        "--losses", nargs="+", choices=("byol", "infonce"), default=["byol", "infonce"],
-        help="one ExtreMA pre-training per objective (BYOL: the paper's default; InfoNCE: its Table 6)",
-    )  # fmt: skip
-    group = parser.add_argument_group("ViTMAE decoder (the encoder copies ExtreMA's)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--extrema_study_dir", help="reuse the ExtreMA runs of `ablate.py --study fixes` there")
+    group = parser.add_argument_group("ViTMAE (the encoder copies ExtreMA's; lr and precision as ExtreMA's recipe)")
+    group.add_argument("--mae_learning_rate", type=float, default=1e-3, help="base lr x batch / 256")
     group.add_argument("--mae_decoder_layers", type=int, default=2)
     group.add_argument("--mae_decoder_hidden_size", type=int, default=128)
     add_data_args(parser)
+    parser.set_defaults(num_workers=1)
     return parser.parse_args(argv)
 
 
-def pretrain_extrema(args, loss: str, warmup_steps: int) -> tuple[Path, float]:
-    """Pre-train with train_extrema.train in this process; returns the exported teacher folder and the wall time."""
-    output_dir = Path(args.output_dir) / f"extrema-{loss}"
-    start = time.perf_counter()
-    train(
-        model_config=args.model_config,
-        dataset_name=args.dataset_name,
-        dataset_config=args.dataset_config,
-        train_dir=args.train_dir,
-        train_split=args.train_split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        num_workers=args.num_workers,
-        shuffle_buffer_size=args.shuffle_buffer_size,
-        fashion_mnist_dir=args.fashion_mnist_dir,
-        max_train_steps=args.max_train_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        learning_rate=args.learning_rate,
-        warmup_steps=warmup_steps,
-        mask_ratio=args.mask_ratio,
-        num_masks=args.num_masks,
-        augmentation=args.augmentation,
-        ema_momentum=args.ema_momentum,
-        loss=loss,
-        drop_path_rate=0,
-        mixed_precision=args.mixed_precision,
-        skip_knn=True,
-        report_to="none",
-        seed=args.seed,
-        output_dir=output_dir,
-    )
-    return output_dir / "final", time.perf_counter() - start
+def pretrain_extrema(args) -> dict:
+    """The ExtreMA methods, as variants of the ablation study (reused when already run); returns its results."""
+    budget = {
+        "num_train_epochs": args.num_train_epochs,
+        "warmup_epochs": args.warmup_epochs,
+        "knn_train_samples": args.max_train_samples,
+        "knn_val_samples": args.max_eval_samples,
+        "seed": args.seed,
+        "num_workers": args.num_workers,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+    }
+    study_dir = args.extrema_study_dir or Path(args.output_dir) / "extrema"
+    return ablate.run_study("fixes", study_dir, list(EXTREMA_METHODS.values()), args.train_dir, **budget)
 
 
-def pretrain_mae(args, config, warmup_steps: int) -> tuple[ViTMAEForPreTraining, float]:
-    """The same number of steps of the same batch size as ExtreMA, with the MAE recipe; returns model and wall time."""
+def pretrain_mae(args, config, steps_per_epoch: int, on_epoch) -> tuple[ViTMAEForPreTraining, float]:
+    """ExtreMA's budget with the MAE recipe; calls on_epoch(model, epoch) at the start and after every epoch."""
     start = time.perf_counter()
     set_seed(args.seed)
     mae_config = vitmae_config_like(config, args.mae_decoder_hidden_size, args.mae_decoder_layers)
     model = ViTMAEForPreTraining(mae_config).train()
-    if args.mixed_precision == "bf16":
-        model.set_attn_implementation("eager")  # as train_extrema does on a CPU: sdpa is slow on short bf16 sequences
-    peak_lr = args.learning_rate * args.per_device_train_batch_size / 256
+    model.set_attn_implementation("eager")  # as train_extrema does on a CPU: sdpa is slow on short bf16 sequences
+    total_steps = round(args.num_train_epochs * steps_per_epoch)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    batch_size = args.per_device_train_batch_size
+    peak_lr = args.mae_learning_rate * batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=peak_lr, betas=(0.9, 0.95))
     transform = build_train_transform("crop", config.image_size, crop_min=0.2).shared  # one crop + flip view
-    loader = labelled_loader(
-        args, args.train_split, transform, shuffle=True, batch_size=args.per_device_train_batch_size
-    )
-    step, epoch = 0, 0
-    progress = tqdm(total=args.max_train_steps, desc="ViTMAE")
-    while step < args.max_train_steps:
+    loader = labelled_loader(args, args.train_split, transform, shuffle=True, batch_size=batch_size)
+    bf16 = train_extrema_precision() == "bf16"
+    step, epoch, seconds = 0, 0, 0.0
+    on_epoch(model, 0)
+    progress = tqdm(total=total_steps, desc="ViTMAE")
+    while step < total_steps:
         loader.dataset.set_epoch(epoch)
         for batch in loader:
             for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, args.max_train_steps, warmup_steps, peak_lr)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+                group["lr"] = get_lr(step, total_steps, warmup_steps, peak_lr)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(pixel_values=batch["pixel_values"]).loss
             loss.backward()
             optimizer.step()
@@ -135,11 +111,23 @@ def pretrain_mae(args, config, warmup_steps: int) -> tuple[ViTMAEForPreTraining,
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
-            if step == args.max_train_steps:
+            if step % steps_per_epoch == 0 or step == total_steps:
+                seconds += time.perf_counter() - start
+                on_epoch(model, step / steps_per_epoch)  # not timed
+                model.train()
+                start = time.perf_counter()
+            if step == total_steps:
                 break
         epoch += 1
     progress.close()
-    return model.eval(), time.perf_counter() - start
+    return model.eval(), seconds
+
+
+def train_extrema_precision() -> str:
+    """The precision `--mixed_precision auto` gives ExtreMA here, so that ViTMAE trains in the same one."""
+    from train_extrema import bf16_is_native
+
+    return "bf16" if bf16_is_native() else "no"
 
 
 class MeanPooledMAE(nn.Module):
@@ -173,73 +161,109 @@ def decoded_split(args, split: str, image_size: int, max_samples: int) -> torch.
     return torch.utils.data.DataLoader(dataset, batch_size=256)
 
 
+def score(backbone, gallery, queries, ks) -> dict:
+    """kNN top-1 for each k and the linear probe's top-1 of a representation, on the same images."""
+    train_features, train_labels = extract_features(backbone, gallery, device="cpu")
+    test_features, test_labels = extract_features(backbone, queries, device="cpu")
+    row = {}
+    for k in ks:
+        knn = weighted_knn(train_features, train_labels, test_features, test_labels, k=k, temperature=0.07)
+        row[f"knn_top1_k{k}"] = knn["top1"]
+    row["linear_top1"] = linear_probe_on_features(train_features, train_labels, test_features, test_labels)["top1"]
+    return row
+
+
+def markdown_table(rows, ks, batch_size: int) -> str:
+    lines = [
+        "| method | epochs x batch | wall time (s) | " + " | ".join(f"kNN top-1, k={k} (%)" for k in ks)
+        + " | linear probe top-1 (%) |",
+        "|---|---|---|" + "---|" * len(ks) + "---|",
+    ]  # fmt: skip
+    for row in rows:
+        budget = f"{row['epochs']:g} x {batch_size}" if row["epochs"] else "-"
+        wall = f"{row['train_wall_s']:.0f}" if row["epochs"] else "-"
+        knn = " | ".join(f"{row[f'knn_top1_k{k}']:.2f}" for k in ks)
+        lines.append(f"| {row['method']} | {budget} | {wall} | {knn} | {row['linear_top1']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for row in rows:
+        if row.get("curve"):
+            ax.plot(row["curve"]["epochs"], row["curve"]["knn_top1"], marker="o", label=row["method"])
+        elif "knn_top1_k20" in row:  # untrained network, raw pixels: a level, not a curve
+            level = row["knn_top1_k20"]
+            ax.axhline(level, linestyle="--", linewidth=1, color="gray" if "raw" in row["method"] else "black")
+            ax.annotate(row["method"], (0, level), textcoords="offset points", xytext=(2, 3), fontsize=7)
+    ax.set_xlabel("epoch of CIFAR-10")
+    ax.set_ylabel("kNN top-1 (%), k=20")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    output_dir = Path(args.output_dir)
     validation_split = resolve_validation_split(args)
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.max_train_steps // 10
-
-    runs = []  # (method, representation, steps, wall time)
-    for loss in args.losses:
-        folder, seconds = pretrain_extrema(args, loss, warmup_steps)
-        runs.append(
-            (f"ExtreMA, {loss} (teacher class token)", load_extrema(str(folder)), args.max_train_steps, seconds)
-        )
-    config = runs[0][1].config
-    mae, mae_seconds = pretrain_mae(args, config, warmup_steps)
-    runs.append(("ViTMAE (mean-pooled encoder tokens)", MeanPooledMAE(mae), args.max_train_steps, mae_seconds))
-    set_seed(args.seed)
-    runs.append(("ExtreMA untrained (class token)", type(runs[0][1])(config).eval(), 0, 0.0))
-    runs.append(("raw pixels", RawPixels(), 0, 0.0))
-
+    study = pretrain_extrema(args)
+    rows = []
+    for method, variant in EXTREMA_METHODS.items():
+        run_ = study["variants"][variant]
+        curve = {"epochs": run_["epochs"], "knn_top1": run_["knn_top1"]}
+        rows.append({"method": method, "backbone": load_extrema(run_["final_dir"]), "epochs": args.num_train_epochs,
+                     "train_wall_s": run_["wall_s"], "curve": curve, "steps_per_epoch": run_["steps_per_epoch"]})  # fmt: skip
+    config = rows[0]["backbone"].config
     gallery = decoded_split(args, args.train_split, config.image_size, args.max_train_samples)
     queries = decoded_split(args, validation_split, config.image_size, args.max_eval_samples)
-    rows = []
-    for name, backbone, steps, seconds in runs:
-        train_features, train_labels = extract_features(backbone, gallery, device="cpu")
-        test_features, test_labels = extract_features(backbone, queries, device="cpu")
-        batch_size = args.per_device_train_batch_size if steps else 0
-        row = {"method": name, "steps": steps, "batch_size": batch_size, "train_wall_s": seconds}
-        for k in args.k:
-            knn = weighted_knn(train_features, train_labels, test_features, test_labels, k=k, temperature=0.07)
-            row[f"knn_top1_k{k}"] = knn["top1"]
-        rows.append(row)
 
-    k_columns = [f"knn_top1_k{k}" for k in args.k]
-    lines = [
-        "| method | steps x batch | wall time (s) | " + " | ".join(f"kNN top-1, k={k} (%)" for k in args.k) + " |",
-        "|---|---|---|" + "---|" * len(args.k),
-    ]
+    mae_curve = {"epochs": [], "knn_top1": []}
+
+    def mae_knn(model, epoch):
+        pooled = MeanPooledMAE(model)
+        train_features, train_labels = extract_features(pooled, gallery, device="cpu")
+        test_features, test_labels = extract_features(pooled, queries, device="cpu")
+        pooled.vit.config.mask_ratio = 0.75  # back to training
+        knn = weighted_knn(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07)
+        mae_curve["epochs"].append(round(epoch, 3))
+        mae_curve["knn_top1"].append(knn["top1"])
+
+    mae, mae_seconds = pretrain_mae(args, config, rows[0]["steps_per_epoch"], mae_knn)
+    rows.append({"method": "ViTMAE (mean-pooled encoder tokens)", "backbone": MeanPooledMAE(mae),
+                 "epochs": args.num_train_epochs, "train_wall_s": mae_seconds, "curve": mae_curve})  # fmt: skip
+    set_seed(args.seed)
+    untrained = type(rows[0]["backbone"])(config).eval()
+    rows.append({"method": "ExtreMA untrained (class token)", "backbone": untrained, "epochs": 0, "train_wall_s": 0})
+    rows.append({"method": "raw pixels", "backbone": RawPixels(), "epochs": 0, "train_wall_s": 0})
     for row in rows:
-        budget = f"{row['steps']} x {row['batch_size']}" if row["steps"] else "-"
-        wall = f"{row['train_wall_s']:.0f}" if row["steps"] else "-"
-        lines.append(
-            f"| {row['method']} | {budget} | {wall} | " + " | ".join(f"{row[c]:.2f}" for c in k_columns) + " |"
-        )
-    table = "\n".join(lines)
+        row.update(score(row.pop("backbone"), gallery, queries, args.k))
+        row.pop("steps_per_epoch", None)
+
+    table = markdown_table(rows, args.k, args.per_device_train_batch_size)
     print(table)
+    (output_dir / "table.md").write_text(table + "\n")
+    title = f"ExtreMA tiny on CIFAR-10: kNN during pre-training (seed {args.seed})"
+    plot_curves(rows, output_dir / "curves.png", title)
     results = {
         "data": args.dataset_name or args.train_dir,
         "gallery": f"first {len(gallery.dataset)} images of {args.train_split}",
         "queries": f"first {len(queries.dataset)} images of {validation_split}",
-        "pretraining": {
-            "steps": args.max_train_steps,
-            "batch_size": args.per_device_train_batch_size,
-            "peak_lr": args.learning_rate * args.per_device_train_batch_size / 256,
-            "warmup_steps": warmup_steps,
-            "mixed_precision": args.mixed_precision,
-            "extrema": {
-                "config": args.model_config,
-                "masking": f"{args.mask_ratio} x {args.num_masks}",
-                "augmentation": args.augmentation,
-                "ema_momentum": args.ema_momentum,
-            },
-            "vitmae": {
-                "mask_ratio": 0.75,
-                "norm_pix_loss": True,
-                "decoder": f"{args.mae_decoder_layers} layers x {args.mae_decoder_hidden_size}",
-                "optimizer": "AdamW (0.9, 0.95), weight decay 0.05",
-                "augmentation": "random resized crop (0.2-1) + flip",
-            },
+        "budget": {"epochs": args.num_train_epochs, "batch_size": args.per_device_train_batch_size, "seed": args.seed},
+        "vitmae": {
+            "mask_ratio": 0.75,
+            "norm_pix_loss": True,
+            "decoder": f"{args.mae_decoder_layers} layers x {args.mae_decoder_hidden_size}",
+            "optimizer": f"AdamW (0.9, 0.95), weight decay 0.05, base lr {args.mae_learning_rate}",
+            "augmentation": "random resized crop (0.2-1) + flip",
         },
         "rows": rows,
         "table": table,

@@ -67,3 +67,13 @@ def tiny_config():
         mask_ratio=0.75,
         num_masks=2,
     )
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Every test gets its own accelerate state: it is process-wide, and a run in bf16 (what --mixed_precision auto
+    picks on CPUs with bf16 dot products) would otherwise refuse a later float32 run in the same pytest process."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

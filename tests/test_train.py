@@ -200,7 +200,7 @@ def test_flags_from_python_act_like_the_command_line():
     assert (recipe.loss, recipe.target_centering, recipe.head_norm, recipe.predictor_lr_multiplier) == (
         "byol", "batch", "batchnorm", 10.0,
     )  # fmt: skip
-    assert recipe.dataset_name is None and recipe.knn_k == 20 and recipe.knn_every == 195
+    assert recipe.dataset_name is None and recipe.knn_k == 20 and recipe.knn_every_epochs == 1
     with pytest.raises(TypeError, match="Unknown training flags.*learning_rat"):
         te.parse_args([], learning_rat=1e-3)
 
