@@ -16,11 +16,12 @@ The backbone (`ExtremaModel`) is a plain ViT over the patch tokens (the distribu
 after the final LayerNorm is the instance representation. Appending the class token late is what makes training
 stable under extreme masking (paper, appendix A).
 
-Reading order: outputs, embeddings (with the masking gather), attention, MLP, layers, encoder, the bare model, then
-the pre-training and classification heads. This file is shipped as remote code, so it imports only torch,
-transformers and its configuration.
+Reading order: outputs, embeddings (with the masking gather), attention, MLP, layers, encoder, the bare model, the
+BYOL heads and losses, then the pre-training and classification heads. This file is shipped as remote code, so it
+imports only torch, transformers and its configuration.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 try:  # loaded as remote code (a package made by transformers) or from this repository (a top-level module)
     from .configuration_extrema import ExtremaConfig
@@ -194,18 +195,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
-def get_attention_function(config: ExtremaConfig, output_attentions: bool):
-    """sdpa (or another registered kernel) unless attention maps are requested: only eager can return them."""
-    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
-    if output_attentions or implementation == "eager":
-        return eager_attention_forward
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
-class ExtremaSelfAttention(nn.Module):
-    """Multi-head self-attention over the patch tokens, with a fused qkv projection (the official layout)."""
+class ExtremaAttention(nn.Module):
+    """What the two attention modules share: the head layout and the dispatch to an attention kernel."""
 
     def __init__(self, config: ExtremaConfig):
         super().__init__()
@@ -215,6 +206,29 @@ class ExtremaSelfAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_probs_dropout_prob
         self.is_causal = False  # the sdpa integration assumes causal attention unless told otherwise
+
+    def attend(self, query, key, value, output_attentions: bool = False):
+        """Softmax attention of query (B, H, Tq, d) over key/value (B, H, Tk, d): ((B, Tq, H, d), weights or None).
+
+        sdpa (or another registered kernel) unless attention maps are requested: only eager returns them.
+        `set_attn_implementation` switches kernels only where transformers finds this dispatch in the file's source:
+        5.0 looks for the indexing form, later 5.x (which add `get_interface`) for the `get_interface(` call.
+        """
+        attention = eager_attention_forward
+        if not output_attentions and self.config._attn_implementation not in (None, "eager"):
+            if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+                attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, attention)
+            else:  # transformers 5.0
+                attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        dropout = self.dropout if self.training else 0.0
+        return attention(self, query, key, value, None, scaling=self.scaling, dropout=dropout)
+
+
+class ExtremaSelfAttention(ExtremaAttention):
+    """Multi-head self-attention over the patch tokens, with a fused qkv projection (the official layout)."""
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__(config)
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -222,25 +236,16 @@ class ExtremaSelfAttention(nn.Module):
         batch_size, seq_len, hidden_size = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
-        attention = get_attention_function(self.config, output_attentions)
-        attn_output, attn_weights = attention(
-            self, query, key, value, None, scaling=self.scaling, dropout=self.dropout if self.training else 0.0
-        )
+        attn_output, attn_weights = self.attend(query, key, value, output_attentions)
         attn_output = attn_output.reshape(batch_size, seq_len, hidden_size)  # (B, T, H, d) -> (B, T, D)
         return self.proj(attn_output), attn_weights
 
 
-class ExtremaClassAttention(nn.Module):
+class ExtremaClassAttention(ExtremaAttention):
     """CaiT class attention: only the class token queries; keys and values come from [cls; patch tokens]."""
 
     def __init__(self, config: ExtremaConfig):
-        super().__init__()
-        self.config = config
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.dropout = config.attention_probs_dropout_prob
-        self.is_causal = False
+        super().__init__(config)
         self.q = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.k = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.v = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
@@ -252,10 +257,7 @@ class ExtremaClassAttention(nn.Module):
         query = self.q(hidden_states[:, :1]).view(batch_size, 1, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         value = self.v(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        attention = get_attention_function(self.config, output_attentions)
-        attn_output, attn_weights = attention(
-            self, query, key, value, None, scaling=self.scaling, dropout=self.dropout if self.training else 0.0
-        )  # (B, 1, H, d), (B, H, 1, 1 + N)
+        attn_output, attn_weights = self.attend(query, key, value, output_attentions)  # (B, 1, H, d), (B, H, 1, 1 + N)
         return self.proj(attn_output.reshape(batch_size, 1, hidden_size)), attn_weights
 
 
@@ -324,7 +326,8 @@ class ExtremaEncoder(nn.Module):
     def __init__(self, config: ExtremaConfig):
         super().__init__()
         # stochastic depth grows linearly with depth; the class-attention blocks have none (as in the official code)
-        rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.num_hidden_layers)]
+        # (on the CPU: transformers 5.0 builds models under a meta default device, where .item() fails)
+        rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu")]
         self.layer = nn.ModuleList([ExtremaLayer(config, rate) for rate in rates])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.class_attention_layer = nn.ModuleList(
@@ -332,6 +335,9 @@ class ExtremaEncoder(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, output_attentions=False, output_hidden_states=False):
+        # Collected by hand, not by transformers' output recording (`_can_record_outputs`): transformers 5.0 records
+        # through `check_model_inputs`, later 5.x through `capture_outputs` (and `check_model_inputs` no longer
+        # records), and this remote code must load on every 5.x.
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layer:
@@ -372,7 +378,11 @@ class ExtremaPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
-            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            # xavier-uniform of the weight as a (out, in * k * k) matrix, its bound written out: initialising a view
+            # of the weight would escape transformers 5.0's guard and overwrite weights loaded by from_pretrained
+            fan_in, fan_out = module.weight[0].numel(), module.weight.shape[0]
+            bound = math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out))
+            nn.init.uniform_(module.weight, -bound, bound)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
@@ -412,6 +422,7 @@ class ExtremaModel(ExtremaPreTrainedModel):
     def get_input_embeddings(self) -> ExtremaPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
+    @can_return_tuple  # return_dict=False (or config.return_dict=False): the output's non-None fields as a tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -419,21 +430,16 @@ class ExtremaModel(ExtremaPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-
         embeddings = self.embeddings(pixel_values, ids_keep, interpolate_pos_encoding)  # (B', K, D)
         tokens, hidden_states, attentions = self.encoder(embeddings, output_attentions, output_hidden_states)
         sequence_output = self.layernorm(tokens)  # (B', 1 + K, D)
         pooled_output = sequence_output[:, 0]
-        if not return_dict:
-            return tuple(v for v in (sequence_output, pooled_output, hidden_states, attentions) if v is not None)
         return BaseModelOutputWithPooling(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
@@ -451,6 +457,51 @@ def build_mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int,
         if i < num_layers - 1:
             layers += [norm_layer(hidden_dim), nn.GELU()]
     return nn.Sequential(*layers)
+
+
+def byol_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: int) -> torch.Tensor:
+    """Mean over masks and images of ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z). Computed in float32."""
+    p = F.normalize(predictions.float(), dim=-1).unflatten(0, (num_masks, -1))  # (M, B, P)
+    z = F.normalize(targets.float(), dim=-1)  # (B, P), shared by all masks
+    return (p - z).pow(2).sum(dim=-1).mean()
+
+
+def infonce_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: int, temperature: float):
+    """InfoNCE (MoCo v3 form, scaled by 2T) whose negatives are the targets of every process."""
+    p = F.normalize(predictions.float(), dim=-1).unflatten(0, (num_masks, -1))  # (M, B, P)
+    z = F.normalize(targets.float(), dim=-1)  # (B, P)
+    batch_size, rank = z.shape[0], 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+        gathered = [torch.empty_like(z) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, z.contiguous())  # targets carry no gradient
+        z = torch.cat(gathered)  # (world * B, P)
+    logits = torch.einsum("mbp,np->mbn", p, z) / temperature  # (M, B, world * B)
+    labels = torch.arange(batch_size, device=z.device) + rank * batch_size
+    return F.cross_entropy(logits.flatten(0, 1), labels.repeat(num_masks)) * (2 * temperature)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over all processes (itself when not distributed). No gradient flows through it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        tensor /= torch.distributed.get_world_size()
+    return tensor
+
+
+@torch.no_grad()
+def collapse_statistics(vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How collapsed a batch of representations (B, P) is, on the unit sphere.
+
+    `mean_cosine`: the mean cosine similarity of distinct pairs (0 for directions spread over the sphere, 1 for one
+    shared direction). `std`: the per-dimension std of the L2-normalised vectors times sqrt(P) (SimSiam's measure:
+    ~1 when spread over all dimensions, 0 when collapsed to a point). Both stay on the device (no sync).
+    """
+    z = F.normalize(vectors.float(), dim=-1)
+    n, dim = z.shape
+    pair_sum = z.sum(dim=0).pow(2).sum() - n  # sum of cos over ordered distinct pairs: |sum z|^2 - sum |z|^2
+    return {"mean_cosine": pair_sum / max(n * (n - 1), 1), "std": z.std(dim=0).mean() * dim**0.5}
 
 
 class ExtremaForPreTraining(ExtremaPreTrainedModel):
@@ -555,17 +606,19 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
             self.target_center.lerp_(batch_mean, 1.0 - self.config.target_center_momentum)
         return centered
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         pixel_values_teacher: torch.Tensor | None = None,
         ids_keep: torch.LongTensor | None = None,
         noise: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ExtremaForPreTrainingOutput | tuple:
-        """`pixel_values` is the student's view (masked); `pixel_values_teacher` the teacher's (default: the same)."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> ExtremaForPreTrainingOutput:
+        """`pixel_values` is the student's view (masked); `pixel_values_teacher` the teacher's (default: the same).
+
+        The masks: `ids_keep` (B, K) or (num_masks, B, K), else drawn by `random_masking` (from `noise` if given).
+        """
         if pixel_values_teacher is None:
             pixel_values_teacher = pixel_values
         batch_size, _, height, width = pixel_values.shape
@@ -574,10 +627,11 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
             ids_keep = self.random_masking(batch_size, num_patches, pixel_values.device, noise)
 
         with torch.no_grad():
-            teacher_output = self.teacher(pixel_values_teacher)
+            teacher_output = self.teacher(pixel_values_teacher, return_dict=True)
             targets = self.center_targets(self.teacher_projector(teacher_output.pooler_output))  # (B, P)
 
-        student_output = self.student(pixel_values, ids_keep=ids_keep)  # all masks in one batch: (M * B, 1 + K, D)
+        # all masks in one batch: (M * B, 1 + K, D)
+        student_output = self.student(pixel_values, ids_keep=ids_keep, return_dict=True)
         predictions = self.predictor(self.student_projector(student_output.pooler_output))  # (M * B, P)
 
         num_masks = predictions.shape[0] // batch_size
@@ -586,7 +640,7 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
         else:
             loss = infonce_loss(predictions, targets, num_masks, self.config.infonce_temperature)
 
-        output = ExtremaForPreTrainingOutput(
+        return ExtremaForPreTrainingOutput(
             loss=loss,
             predictions=predictions,
             targets=targets,
@@ -594,52 +648,6 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
             student_pooler_output=student_output.pooler_output,
             teacher_pooler_output=teacher_output.pooler_output,
         )
-        return output if return_dict else output.to_tuple()
-
-
-def byol_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: int) -> torch.Tensor:
-    """Mean over masks and images of ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z). Computed in float32."""
-    p = F.normalize(predictions.float(), dim=-1).unflatten(0, (num_masks, -1))  # (M, B, P)
-    z = F.normalize(targets.float(), dim=-1)  # (B, P), shared by all masks
-    return (p - z).pow(2).sum(dim=-1).mean()
-
-
-def infonce_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: int, temperature: float):
-    """InfoNCE (MoCo v3 form, scaled by 2T) whose negatives are the targets of every process."""
-    p = F.normalize(predictions.float(), dim=-1).unflatten(0, (num_masks, -1))  # (M, B, P)
-    z = F.normalize(targets.float(), dim=-1)  # (B, P)
-    batch_size, rank = z.shape[0], 0
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank = torch.distributed.get_rank()
-        gathered = [torch.empty_like(z) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, z.contiguous())  # targets carry no gradient
-        z = torch.cat(gathered)  # (world * B, P)
-    logits = torch.einsum("mbp,np->mbn", p, z) / temperature  # (M, B, world * B)
-    labels = torch.arange(batch_size, device=z.device) + rank * batch_size
-    return F.cross_entropy(logits.flatten(0, 1), labels.repeat(num_masks)) * (2 * temperature)
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over all processes (itself when not distributed). No gradient flows through it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        tensor = tensor.clone()
-        torch.distributed.all_reduce(tensor)
-        tensor /= torch.distributed.get_world_size()
-    return tensor
-
-
-@torch.no_grad()
-def collapse_statistics(vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """How collapsed a batch of representations (B, P) is, on the unit sphere.
-
-    `mean_cosine`: the mean cosine similarity of distinct pairs (0 for directions spread over the sphere, 1 for one
-    shared direction). `std`: the per-dimension std of the L2-normalised vectors times sqrt(P) (SimSiam's measure:
-    ~1 when spread over all dimensions, 0 when collapsed to a point). Both stay on the device (no sync).
-    """
-    z = F.normalize(vectors.float(), dim=-1)
-    n, dim = z.shape
-    pair_sum = z.sum(dim=0).pow(2).sum() - n  # sum of cos over ordered distinct pairs: |sum z|^2 - sum |z|^2
-    return {"mean_cosine": pair_sum / max(n * (n - 1), 1), "std": z.std(dim=0).mean() * dim**0.5}
 
 
 class ExtremaForImageClassification(ExtremaPreTrainedModel):
@@ -660,6 +668,7 @@ class ExtremaForImageClassification(ExtremaPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -667,10 +676,8 @@ class ExtremaForImageClassification(ExtremaPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> ImageClassifierOutput:
         outputs = self.extrema(
             pixel_values,
             output_attentions=output_attentions,
@@ -692,10 +699,9 @@ class ExtremaForImageClassification(ExtremaPreTrainedModel):
                 loss = torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
             else:
                 loss = F.cross_entropy(logits, labels)
-        output = ImageClassifierOutput(
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
 # `save_pretrained` writes `auto_map` and copies this file and the configuration beside the weights, so a saved

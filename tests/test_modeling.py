@@ -222,6 +222,17 @@ def test_non_disjoint_masks_are_sampled_independently(tiny_config):
     assert all(len(set(mask.tolist())) == 4 for mask in ids_keep.flatten(0, 1))
 
 
+def test_return_dict_false_gives_the_outputs_fields_as_a_tuple(tiny_config):
+    x = images(tiny_config)
+    model = ExtremaModel(tiny_config).eval()
+    with torch.no_grad():
+        output, fields = model(x, output_hidden_states=True), model(x, output_hidden_states=True, return_dict=False)
+        pretraining = ExtremaForPreTraining(ExtremaConfig(**{**tiny_config.to_diff_dict(), "return_dict": False}))
+        pretraining_fields = pretraining.eval()(x, noise=torch.rand(3, 16))  # the heads read dicts inside
+    assert len(fields) == 3 and torch.equal(fields[0], output.last_hidden_state)
+    assert torch.equal(fields[1], output.pooler_output) and len(fields[2]) == len(output.hidden_states)
+    assert isinstance(pretraining_fields, tuple) and pretraining_fields[0].ndim == 0  # (loss, predictions, ...)
+
 def test_teacher_gets_no_gradient_and_follows_the_student(tiny_config):
     torch.manual_seed(0)
     model = ExtremaForPreTraining(tiny_config)
