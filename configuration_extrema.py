@@ -150,6 +150,12 @@ class ExtremaConfig(PretrainedConfig):
         """Patches each masked view keeps: int(N * (1 - ratio)), the official rounding (39 of 196 at 80%)."""
         return int(self.num_patches * (1 - self.mask_ratio))
 
+    @property
+    def mask_noise_shape(self) -> tuple[int, ...]:
+        """Shape of one image's mask noise, whose argsort orders its patches: (N,) for disjoint masks, cut from one
+        permutation, else (num_masks, N), a permutation per mask. A batch of it is (B, *mask_noise_shape)."""
+        return (self.num_patches,) if self.disjoint_masks else (self.num_masks, self.num_patches)
+
     def validate_extrema(self):
         """Raise a `ValueError` that names the offending field (called on construction; call again after edits)."""
         if self.hidden_size % self.num_attention_heads != 0:

@@ -539,6 +539,8 @@ class TrainingStream(torch.utils.data.IterableDataset):
     `dataset` yields raw rows of this rank; in a DataLoader worker, `datasets` gives each worker its own shards. A
     worker that reaches the end of its shards starts them again, so the stream never ends: an epoch is a number of
     steps, and the DataLoader keeps its strict round-robin over workers, which is what makes the order replayable.
+    Every image's mask noise has `noise_shape`, the model's `ExtremaConfig.mask_noise_shape`, so that a batch of it
+    is the (B, *mask_noise_shape) noise that `ExtremaForPreTraining.random_masking` takes.
     """
 
     def __init__(self, dataset, transform, seed: int, noise_shape: tuple, skip_rows: dict | None = None):
@@ -623,7 +625,10 @@ def round_robin(loader, num_workers: int, first_worker: int):
 
 
 def training_batches(dataset, transform, args, noise_shape, position: StreamPosition, device):
-    """Micro-batches of one epoch (`position.epoch`) on this rank, from `position` on; updates `position` in place."""
+    """Micro-batches of one epoch (`position.epoch`) on this rank, from `position` on; updates `position` in place.
+
+    `noise_shape`: one image's mask noise (`ExtremaConfig.mask_noise_shape`), see `TrainingStream`.
+    """
     dataset.set_epoch(position.epoch)  # a new shard order and shuffle every epoch, the same on every rank
     num_workers = min(args.num_workers, dataset.num_shards)
     if position.batches and position.num_workers != num_workers:

@@ -564,29 +564,33 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
     def random_masking(
         self, batch_size: int, num_patches: int, device=None, noise: torch.Tensor | None = None
     ) -> torch.LongTensor:
-        """Sample `num_masks` masks per image; returns visible patch indices (num_masks, B, K).
+        """Sample `num_masks` masks per image of `num_patches` patches; returns visible patch indices (num_masks, B, K).
 
-        Disjoint masks are consecutive slices of ONE random permutation of an image's patches, so the masks of an
-        image never share a patch (complementary views); otherwise every mask has its own permutation. `noise`
-        (B, N), or (num_masks, B, N) for non-disjoint masks, fixes the permutations (argsort of the noise).
+        The config owns the masking: K is `config.num_visible_patches`, an image's noise has the shape
+        `config.mask_noise_shape`, and its validation checks that disjoint masks fit in the image. Disjoint masks are
+        consecutive slices of ONE random permutation of an image's patches, so the masks of an image never share a
+        patch (complementary views); otherwise every mask has its own permutation. `noise` (B, *mask_noise_shape),
+        batch-major as the data pipeline batches it, fixes the permutations (argsort of the noise).
         """
-        num_masks, disjoint = self.config.num_masks, self.config.disjoint_masks
-        num_visible = int(num_patches * (1 - self.config.mask_ratio))
-        if disjoint and num_masks * num_visible > num_patches:
+        config = self.config
+        if num_patches != config.num_patches:
             raise ValueError(
-                f"{num_masks} disjoint masks of {num_visible} visible patches need more than the {num_patches} "
-                "patches of the image; use fewer masks, a higher mask_ratio, or disjoint_masks=False."
+                f"Random masks are drawn for the config's {config.num_patches} patches (image_size "
+                f"{config.image_size}), but the images have {num_patches}; resize them or pass ids_keep."
             )
-        noise_shape = (batch_size, num_patches) if disjoint else (num_masks, batch_size, num_patches)
+        noise_shape = (batch_size, *config.mask_noise_shape)
         if noise is None:
             noise = torch.rand(noise_shape, device=device)
         elif tuple(noise.shape) != noise_shape:
             raise ValueError(f"noise must have shape {noise_shape}, got {tuple(noise.shape)}.")
-        ids_shuffle = torch.argsort(noise, dim=-1)
-        if disjoint:
-            # (B, M * K) -> (B, M, K) -> (M, B, K): mask i takes positions [i*K, (i+1)*K) of the permutation
-            return ids_shuffle[:, : num_masks * num_visible].view(batch_size, num_masks, num_visible).transpose(0, 1)
-        return ids_shuffle[..., :num_visible]  # (M, B, K)
+        num_masks, num_visible = config.num_masks, config.num_visible_patches
+        ids_shuffle = torch.argsort(noise, dim=-1)  # (B, N), or (B, M, N)
+        if config.disjoint_masks:
+            # (B, M * K) -> (B, M, K): mask i takes positions [i*K, (i+1)*K) of the image's permutation
+            ids_keep = ids_shuffle[:, : num_masks * num_visible].view(batch_size, num_masks, num_visible)
+        else:
+            ids_keep = ids_shuffle[..., :num_visible]  # (B, M, K)
+        return ids_keep.transpose(0, 1)  # (M, B, K): mask-major, as the student encodes them
 
     @torch.no_grad()
     def center_targets(self, targets: torch.Tensor) -> torch.Tensor:

@@ -599,12 +599,11 @@ def forward_backward(accelerator, model, batches, accumulation_steps: int, measu
     loss_sum, collapse = torch.zeros((), device=device), None
     for micro_step in range(accumulation_steps):
         batch = next(batches)
-        noise = batch["noise"].to(device, non_blocking=True)
         student_view, teacher_view = device_views(batch, device)  # teacher None: both branches see the same view
         inputs = {
             "pixel_values": student_view,
             "pixel_values_teacher": teacher_view,
-            "noise": noise if noise.ndim == 2 else noise.transpose(0, 1),  # (B, N), or (B, M, N) -> (M, B, N)
+            "noise": batch["noise"].to(device, non_blocking=True),  # (B, *config.mask_noise_shape)
         }
         # DDP all-reduces the gradients once per step, after the last micro-batch
         last = micro_step == accumulation_steps - 1
@@ -742,7 +741,6 @@ def main(argv=None):
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)  # owns update_teacher() and the teacher to evaluate and export
     transform = build_train_transform(args.augmentation, config.image_size, args.crop_min, args.color_on_device)
-    noise_shape = (config.num_patches,) if config.disjoint_masks else (config.num_masks, config.num_patches)
 
     # Resume: weights, optimizer, RNG states, and this rank's stream position
     step, position = 0, StreamPosition()
@@ -790,7 +788,7 @@ def main(argv=None):
         if position.epoch != epoch:  # a new epoch (or a checkpoint taken at the end of the previous one)
             position, batches = StreamPosition(epoch=epoch), None
         if batches is None:
-            batches = training_batches(dataset, transform, args, noise_shape, position, device)
+            batches = training_batches(dataset, transform, args, config.mask_noise_shape, position, device)
 
         lr = get_lr(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, args.min_learning_rate)
         momentum = get_momentum(step, schedule.total_steps, args.ema_momentum)

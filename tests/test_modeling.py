@@ -1,6 +1,7 @@
 """Behaviour of the ExtreMA model: parity with the official code, masking, EMA, attention, saving and loading."""
 
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -232,6 +233,19 @@ def test_return_dict_false_gives_the_outputs_fields_as_a_tuple(tiny_config):
     assert len(fields) == 3 and torch.equal(fields[0], output.last_hidden_state)
     assert torch.equal(fields[1], output.pooler_output) and len(fields[2]) == len(output.hidden_states)
     assert isinstance(pretraining_fields, tuple) and pretraining_fields[0].ndim == 0  # (loss, predictions, ...)
+
+def test_mask_noise_comes_batch_major_in_the_shape_the_config_gives(tiny_config):
+    """The data pipeline batches each image's (config.mask_noise_shape) noise: (B, M, N) when every mask has its own."""
+    config = ExtremaConfig(**{**tiny_config.to_diff_dict(), "num_masks": 3, "disjoint_masks": False})
+    assert (tiny_config.mask_noise_shape, config.mask_noise_shape) == ((16,), (3, 16))
+    model, noise = ExtremaForPreTraining(config), torch.rand(2, *config.mask_noise_shape)  # (B, M, N)
+    ids_keep = model.random_masking(2, 16, noise=noise)  # (M, B, K)
+    for m, b in itertools.product(range(3), range(2)):
+        assert torch.equal(ids_keep[m, b], noise[b, m].argsort()[: config.num_visible_patches])
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 3, 16\)"):
+        model.random_masking(2, 16, noise=noise.transpose(0, 1))
+    with pytest.raises(ValueError, match="resize them or pass ids_keep"):  # masks are drawn for the config's size
+        model(images(config, size=2 * config.image_size))
 
 def test_teacher_gets_no_gradient_and_follows_the_student(tiny_config):
     torch.manual_seed(0)
