@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import sys
@@ -414,13 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, **overrides) -> argparse.Namespace:
-    """The command line `argv` (default: sys.argv), with `overrides` as flag values given from Python."""
+    """The command line `argv` (default: sys.argv), with `overrides` as flag values given from Python; checked."""
     parser = build_parser()
     unknown = set(overrides) - {action.dest for action in parser._actions}
     if unknown:
         raise TypeError(f"Unknown training flags {sorted(unknown)}; see `python train_extrema.py --help`.")
     parser.set_defaults(**overrides)
-    args = parser.parse_args(argv)
+    args = check_flags(parser, parser.parse_args(argv))
     recipe = args.recipe
     if recipe is None and not (args.dataset_name or args.train_dir):
         recipe = "tiny-fashion-mnist"
@@ -430,13 +431,83 @@ def parse_args(argv=None, **overrides) -> argparse.Namespace:
             for key in ("dataset_name", "dataset_config", "validation_split"):
                 defaults.pop(key, None)
         parser.set_defaults(**{**defaults, **overrides})
-        args = parser.parse_args(argv)
+        args = check_flags(parser, parser.parse_args(argv))
         args.recipe = recipe
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/extrema-vit-base).")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not Path(args.resume_from_checkpoint).is_dir():
             parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder.")
+    return args
+
+
+# The valid values of the numeric flags (a flag that is not given, None, is always valid), checked by `check_flags`
+AT_LEAST_0 = (lambda value: value >= 0, "at least 0")
+AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
+POSITIVE = (lambda value: value > 0, "greater than 0")
+FRACTION = (lambda value: 0 <= value < 1, "in [0, 1)")
+FLAG_RANGES = {
+    "mask_ratio": FRACTION,
+    "num_masks": AT_LEAST_1,
+    "drop_path_rate": FRACTION,
+    "crop_min": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "per_device_train_batch_size": AT_LEAST_1,
+    "total_batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "num_train_epochs": POSITIVE,
+    "max_train_steps": AT_LEAST_1,
+    "steps_per_epoch": AT_LEAST_1,
+    "learning_rate": AT_LEAST_0,
+    "min_learning_rate": AT_LEAST_0,
+    "warmup_epochs": AT_LEAST_0,
+    "warmup_steps": AT_LEAST_0,
+    "weight_decay": AT_LEAST_0,
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "max_grad_norm": AT_LEAST_0,  # 0, as None: no clipping
+    "ema_momentum": (lambda value: 0 < value <= 1, "in (0, 1]"),  # 1: a teacher that never moves
+    "predictor_lr_multiplier": AT_LEAST_0,
+    "seed": (lambda value: 0 <= value < 2**32, "in [0, 2**32)"),  # numpy's seeds
+    "checkpointing_steps": AT_LEAST_0,  # the "every N steps" flags: 0, as None, is never
+    "keep_checkpoints": AT_LEAST_0,  # 0: all of them
+    "stop_after_steps": AT_LEAST_0,
+    "logging_steps": AT_LEAST_1,
+    "knn_every": AT_LEAST_0,
+    "knn_every_epochs": AT_LEAST_0,
+    "knn_train_samples": AT_LEAST_1,
+    "knn_val_samples": AT_LEAST_1,
+    "knn_k": AT_LEAST_1,
+    "knn_temperature": POSITIVE,
+    "export_every": AT_LEAST_0,
+    "num_workers": AT_LEAST_0,
+    "shuffle_buffer_size": AT_LEAST_0,
+}
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Every flag's value of its type, among its choices and in its range (`FLAG_RANGES`); returns `args`.
+
+    argparse checks only the values it parses from text: values set from Python (`parse_args(**overrides)`,
+    `train(**flags)`) or by a recipe reach the namespace unchecked. A value of the wrong type is a TypeError, as an
+    unknown flag is; a value out of range ends the command with the flag's name (`parser.error`), as argparse does.
+    """
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or not action.option_strings:
+            continue
+        flag = action.option_strings[0]
+        if action.type in (int, float):
+            number = numbers.Integral if action.type is int else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, number):
+                kind = "an integer" if action.type is int else "a number"
+                raise TypeError(f"{flag} takes {kind}, got {value!r} ({type(value).__name__}).")
+            if not math.isfinite(value):
+                parser.error(f"{flag} must be a finite number, got {value}.")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"argument {flag}: invalid choice: {value!r} (choose from {', '.join(action.choices)})")
+        valid, phrase = FLAG_RANGES.get(action.dest, (None, None))
+        if valid and not valid(value):
+            parser.error(f"{flag} must be {phrase}, got {value}.")
     return args
 
 

@@ -5,11 +5,13 @@ Everything runs on tiny Parquet datasets written by `_train_data.py`, the `tiny`
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import huggingface_hub
+import numpy
 import pytest
 import torch
 from _train_data import write_image_parquet
@@ -204,6 +206,50 @@ def test_flags_from_python_act_like_the_command_line():
     with pytest.raises(TypeError, match="Unknown training flags.*learning_rat"):
         te.parse_args([], learning_rat=1e-3)
 
+
+@pytest.mark.parametrize(
+    "argv, overrides, message",
+    [
+        (["--per_device_train_batch_size", "0"], {}, "--per_device_train_batch_size must be at least 1, got 0."),
+        (["--learning_rate", "-1"], {}, "--learning_rate must be at least 0, got -1.0."),
+        (["--knn_k", "0"], {}, "--knn_k must be at least 1, got 0."),
+        (["--logging_steps", "0"], {}, "--logging_steps must be at least 1, got 0."),
+        (["--num_train_epochs", "0"], {}, "--num_train_epochs must be greater than 0, got 0.0."),
+        (["--adam_beta2", "1"], {}, "--adam_beta2 must be in [0, 1), got 1.0."),
+        (["--ema_momentum", "0"], {}, "--ema_momentum must be in (0, 1], got 0.0."),
+        (["--num_workers", "-1"], {}, "--num_workers must be at least 0, got -1."),
+        (["--warmup_epochs", "nan"], {}, "--warmup_epochs must be a finite number, got nan."),
+        # from Python (train(**flags)), where argparse checks nothing: the same messages
+        ([], {"per_device_train_batch_size": 0}, "--per_device_train_batch_size must be at least 1, got 0."),
+        ([], {"weight_decay": -0.1}, "--weight_decay must be at least 0, got -0.1."),
+        ([], {"recipe": "tiny-cifar10", "knn_temperature": 0}, "--knn_temperature must be greater than 0, got 0."),
+        ([], {"loss": "mse"}, "argument --loss: invalid choice: 'mse'"),
+        ([], {"recipe": "tiny"}, "argument --recipe: invalid choice: 'tiny'"),
+    ],
+)
+def test_flags_out_of_range_are_refused_by_name(argv, overrides, message, capsys):
+    with pytest.raises(SystemExit):
+        te.parse_args(argv, **overrides)
+    assert message in capsys.readouterr().err
+
+
+def test_flags_from_python_must_have_the_flags_type():
+    for flags, message in [
+        ({"max_train_steps": 2.5}, "--max_train_steps takes an integer, got 2.5"),
+        ({"learning_rate": [1e-3]}, "--learning_rate takes a number, got [0.001]"),
+        ({"num_workers": True}, "--num_workers takes an integer, got True"),
+    ]:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            te.parse_args([], **flags)
+    assert te.parse_args([], learning_rate=1, max_train_steps=numpy.int64(3)).learning_rate == 1  # ints are numbers
+    assert te.parse_args([], learning_rate="2e-3").learning_rate == 2e-3  # text is parsed, as on the command line
+
+
+def test_every_numeric_flag_has_a_range_that_the_defaults_and_recipes_satisfy():
+    numeric = {action.dest for action in te.build_parser()._actions if action.type in (int, float)}
+    assert numeric == set(te.FLAG_RANGES)
+    for recipe in te.RECIPES:
+        te.parse_args(["--recipe", recipe])  # no SystemExit
 
 def test_train_takes_the_flags_as_keywords(monkeypatch):
     calls = []
