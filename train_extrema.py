@@ -8,8 +8,9 @@ References: Wu et al. 2022, "Extreme Masking for Learning Instance and Distribut
 and 5.1: AdamW (0.9, 0.95), wd 0.1, lr 1.5e-4 x batch / 256, warm-up + cosine, EMA 0.996 -> 1 on a cosine); the
 official code github.com/microsoft/ExtreMA (main.py, lib/augment.py); Wu et al. 2018 for the weighted kNN monitor.
 
-Reading order: schedules, export, command line, checkpoints, training loop. The data (sources, augmentations, the
-resumable training stream) is in `data_extrema.py`, the kNN monitor in `eval_extrema.py`.
+Reading order, the algorithm's: the command line (flags and recipes), the data, the model and optimiser (with the
+schedules), checkpoints, the training loop (`main`), the export. The data themselves (sources, augmentations, the
+resumable training stream) are in `data_extrema.py`, the kNN monitor's classifier in `eval_extrema.py`.
 
 Two design decisions shape this file:
 - An epoch is a FIXED number of optimizer steps (dataset size / global batch). Every rank reads an endless stream of
@@ -33,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,181 +63,6 @@ from eval_extrema import knn_accuracy
 from modeling_extrema import ExtremaForPreTraining, collapse_statistics
 
 logger = logging.getLogger("train_extrema")
-
-# ----------------------------------------------------------------------------------------------------------------
-# Schedules (pure functions of the optimizer step, so a checkpoint only needs the step)
-
-
-def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """Linear warm-up from 0 to peak_lr, then half-cycle cosine decay to min_lr at total_steps."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def get_momentum(step: int, total_steps: int, base_momentum: float) -> float:
-    """EMA momentum rising from base_momentum to 1 on a half-cycle cosine (BYOL)."""
-    return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
-
-
-def teacher_init_share(total_steps: int, base_momentum: float) -> float:
-    """The share of its initial weights that the teacher still holds after the run: the product of the momenta.
-
-    Every EMA step keeps a fraction m of the teacher, so after the run prod(m_t) of it is the random initialisation.
-    With m rising from 0.996 to 1, that is 31% after 585 steps (3 CIFAR-10 epochs of batch 256) but 0.7% after 5,000;
-    a short run with the paper's momentum evaluates and exports a teacher that is still largely random.
-    """
-    return math.exp(sum(math.log(get_momentum(step, total_steps, base_momentum)) for step in range(total_steps)))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, predictor_lr_multiplier: float = 1.0) -> list[dict]:
-    """Weight decay on weight matrices only: not on biases, norms, layer-scale gammas or the class token.
-
-    Each group carries an `lr_scale` (the training loop sets lr = scale x schedule): the predictor's is
-    `predictor_lr_multiplier`, everything else's 1.
-    """
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:  # the teacher
-            continue
-        decay = param.ndim >= 2 and not name.endswith("cls_token")
-        scale = predictor_lr_multiplier if name.split(".")[0] == "predictor" else 1.0
-        group = groups.setdefault(
-            (scale, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
-        )
-        group["params"].append(param)
-    return list(groups.values())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Export: the teacher backbone as a Hub-ready folder
-
-
-def export_backbone(backbone, output_dir, **card_fields) -> Path:
-    """Save an `ExtremaModel` with `save_pretrained`, a `ViTImageProcessor` and a model card; returns the folder.
-
-    The folder loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`: the model classes call
-    `register_for_auto_class`, so the config gets an `auto_map` and the modeling code is copied beside the weights.
-    Card fields (all optional): model_id (used in the usage snippet), datasets (list), recipe (dict or str),
-    knn (dict with top1/top5 and optionally k, temperature, split, dataset), tags (list), description (str).
-    The kNN top-1 also goes into the card's metadata as a model-index result (the Hub shows it beside the model) when
-    its dataset is a Hub id: knn["dataset"], else the first of `datasets`.
-    """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-    from transformers import ViTImageProcessor
-
-    output_dir = Path(output_dir)
-    backbone.save_pretrained(output_dir, safe_serialization=True)
-    size = backbone.config.image_size
-    processor = ViTImageProcessor(
-        size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
-    )
-    processor.save_pretrained(output_dir)
-
-    text = model_card_text(backbone.config, **card_fields)
-    knn, datasets = card_fields.get("knn"), card_fields.get("datasets") or None
-    knn_dataset = knn and (knn.get("dataset") or (datasets or [None])[0])
-    eval_results = None
-    if knn_dataset:  # a kNN classifier on the frozen pooler_output: image classification, scored by accuracy
-        k, temperature = knn.get("k", 200), knn.get("temperature", 0.07)
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                task_name="Image classification (weighted kNN on frozen features)",
-                dataset_type=knn_dataset,
-                dataset_name=knn_dataset,
-                dataset_split=knn.get("split"),
-                metric_type="accuracy",
-                metric_name=f"kNN top-1 accuracy (k={k}, T={temperature})",
-                metric_value=round(float(knn["top1"]), 2),
-                metric_args={"k": k, "temperature": temperature},
-            )
-        ]
-    card_data = ModelCardData(
-        model_name=text.partition("\n")[0].removeprefix("# ") if eval_results else None,  # the card's title
-        library_name="transformers",
-        pipeline_tag="image-feature-extraction",
-        license="apache-2.0",
-        tags=["extrema", "vision", "self-supervised-learning", "masked-image-modeling", *card_fields.get("tags", [])],
-        datasets=datasets,
-        eval_results=eval_results,
-    )
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{text}")
-    card.save(output_dir / "README.md")
-    return output_dir
-
-
-def model_card_text(config, model_id=None, datasets=None, recipe=None, knn=None, description=None, **_) -> str:
-    """The card's Markdown below the metadata: title, description, recipe table, kNN result, usage, citation."""
-    import re
-
-    def readable(value) -> str:  # long decimals to 3 significant digits: 375 / 468 steps shows 0.801 epochs
-        return re.sub(r"\d+\.\d{5,}", lambda number: f"{float(number[0]):.{max(3, number[0].index('.'))}g}", str(value))
-
-    model_id = model_id or "path/to/this/folder"
-    lines = [
-        f"# ExtreMA {config.hidden_size}-wide, {config.num_hidden_layers}-layer ViT/{config.patch_size}",
-        "",
-        description
-        or (
-            "A vision transformer pre-trained without labels with ExtreMA (Wu et al., 2022, "
-            "[arXiv:2206.04667](https://arxiv.org/abs/2206.04667)): BYOL in which a student sees only 10-25% of "
-            "the patches (several disjoint masks) and predicts the representation that a momentum teacher computes "
-            "from the full image. This is the teacher backbone. `pooler_output` (the class token built by "
-            "class-attention blocks) is the instance representation; `last_hidden_state[:, 1:]` are the patch "
-            "tokens (the distributed representation)."
-        ),
-        "",
-    ]
-    if datasets:
-        lines += [f"Pre-training data: {', '.join(datasets)}.", ""]
-    if recipe:
-        lines += ["## Training recipe", ""]
-        if isinstance(recipe, dict):
-            lines += ["| setting | value |", "|---|---|", *[f"| {k} | {readable(v)} |" for k, v in recipe.items()]]
-        else:
-            lines += [readable(recipe)]
-        lines += [""]
-    if knn:
-        where = f" on {knn['split']}" if knn.get("split") else ""
-        lines += [
-            "## Evaluation",
-            "",
-            f"Weighted kNN (k={knn.get('k', 200)}, T={knn.get('temperature', 0.07)}) on `pooler_output`{where}: "
-            f"top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%.",
-            "",
-        ]
-    lines += [
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "from PIL import Image",
-        "from transformers import AutoImageProcessor, AutoModel",
-        "",
-        f'processor = AutoImageProcessor.from_pretrained("{model_id}")',
-        f'model = AutoModel.from_pretrained("{model_id}", trust_remote_code=True).eval()',
-        'inputs = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="pt")',
-        "with torch.no_grad():",
-        "    outputs = model(**inputs)",
-        "instance = outputs.pooler_output  # (1, hidden): the image's representation",
-        "patches = outputs.last_hidden_state[:, 1:]  # (1, num_patches, hidden): one token per patch",
-        "```",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        "@article{wu2022extreme,",
-        "  title={Extreme Masking for Learning Instance and Distributed Visual Representations},",
-        "  author={Wu, Zhirong and Lai, Zihang and Sun, Xiao and Lin, Stephen},",
-        "  journal={arXiv preprint arXiv:2206.04667},",
-        "  year={2022}",
-        "}",
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
@@ -511,6 +338,71 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     return args
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Data: this rank's stream, and the schedule its size gives (an epoch is a fixed number of optimizer steps)
+
+
+def open_training_data(accelerator, args):
+    """This rank's part of the training stream, the number of training images (None: unknown), the open dataset (for
+    the kNN monitor), and whether kNN accuracy can be monitored: labels and a validation split (--validation_split
+    is filled in from the dataset's splits when not given)."""
+    with accelerator.main_process_first():  # the Fashion-MNIST cache is built once, by the main process
+        builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    raw = load_raw_stream(builder, args.train_split, args.image_column, args.label_column)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    dataset = rank_dataset(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
+    knn_enabled = not args.skip_knn and "label" in raw.column_names
+    if knn_enabled and args.validation_split is None:
+        args.validation_split = default_validation_split(builder)
+        if args.validation_split is None:
+            logger.warning("No validation split (name one with --validation_split): no kNN accuracy.")
+            knn_enabled = False
+    return dataset, count_examples(builder, args.train_split), builder, knn_enabled
+
+
+@dataclass
+class Schedule:
+    """How long and how fast: batch sizes, epoch length in steps, learning rate and warm-up."""
+
+    per_device_batch: int
+    total_batch: int  # per device x processes x gradient accumulation
+    peak_lr: float  # base lr x total batch / 256
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_schedule(args, num_examples: int | None, world_size: int) -> Schedule:
+    per_device = args.per_device_train_batch_size
+    if args.total_batch_size:
+        per_step = world_size * args.gradient_accumulation_steps
+        if args.total_batch_size % per_step:
+            raise UsageError(
+                f"--total_batch_size {args.total_batch_size} is not divisible by processes x accumulation "
+                f"= {per_step}."
+            )
+        per_device = args.total_batch_size // per_step
+    total_batch = per_device * world_size * args.gradient_accumulation_steps
+    steps_per_epoch = args.steps_per_epoch or (num_examples // total_batch if num_examples else 0)
+    if not steps_per_epoch:
+        known = f" ({num_examples}, less than one global batch of {total_batch})" if num_examples else ""
+        raise UsageError(f"Cannot tell how many images the training split has{known}; pass --steps_per_epoch.")
+    total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    return Schedule(
+        per_device_batch=per_device,
+        total_batch=total_batch,
+        peak_lr=args.learning_rate * total_batch / 256,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=min(warmup, total_steps - 1),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and optimiser. The schedules are pure functions of the optimizer step: a checkpoint only needs the step.
+
+
 def build_config(args) -> ExtremaConfig:
     overrides = {"drop_path_rate": args.drop_path_rate}
     if args.mask_ratio is not None:
@@ -533,6 +425,73 @@ def build_config(args) -> ExtremaConfig:
     raise UsageError(
         f"--model_config {args.model_config!r} is neither a preset ({', '.join(PRESETS)}) nor a config file/folder."
     )
+
+
+def build_model(accelerator, config: ExtremaConfig) -> ExtremaForPreTraining:
+    """The pre-training model of this process, before `accelerator.prepare`."""
+    model = ExtremaForPreTraining(config)
+    world_size, device = accelerator.num_processes, accelerator.device
+    if config.head_norm == "batchnorm" and world_size > 1:
+        if device.type == "cuda":  # one set of head statistics over the global batch, as in one process (MoCo v3)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            logger.warning("BatchNorm heads on %d CPU processes use per-process batch statistics.", world_size)
+    if device.type == "cpu" and accelerator.mixed_precision == "bf16":
+        model.set_attn_implementation("eager")  # CPU sdpa is slow on short bf16 sequences (1.3x step here)
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, predictor_lr_multiplier: float = 1.0) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, layer-scale gammas or the class token.
+
+    Each group carries an `lr_scale` (the training loop sets lr = scale x schedule): the predictor's is
+    `predictor_lr_multiplier`, everything else's 1.
+    """
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:  # the teacher
+            continue
+        decay = param.ndim >= 2 and not name.endswith("cls_token")
+        scale = predictor_lr_multiplier if name.split(".")[0] == "predictor" else 1.0
+        group = groups.setdefault(
+            (scale, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def build_optimizer(model, args, peak_lr: float, device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the training loop sets each group's lr at every step."""
+    return torch.optim.AdamW(
+        param_groups(model, args.weight_decay, args.predictor_lr_multiplier),
+        lr=peak_lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        # the fused kernel: one pass over all parameters, not one per tensor (6x faster AdamW step on a CPU here)
+        fused=device.type in ("cuda", "cpu"),
+    )
+
+
+def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up from 0 to peak_lr, then half-cycle cosine decay to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def get_momentum(step: int, total_steps: int, base_momentum: float) -> float:
+    """EMA momentum rising from base_momentum to 1 on a half-cycle cosine (BYOL)."""
+    return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+
+def teacher_init_share(total_steps: int, base_momentum: float) -> float:
+    """The share of its initial weights that the teacher still holds after the run: the product of the momenta.
+
+    Every EMA step keeps a fraction m of the teacher, so after the run prod(m_t) of it is the random initialisation.
+    With m rising from 0.996 to 1, that is 31% after 585 steps (3 CIFAR-10 epochs of batch 256) but 0.7% after 5,000;
+    a short run with the paper's momentum evaluates and exports a teacher that is still largely random.
+    """
+    return math.exp(sum(math.log(get_momentum(step, total_steps, base_momentum)) for step in range(total_steps)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -579,47 +538,26 @@ def load_checkpoint(accelerator, folder: Path) -> tuple[int, StreamPosition]:
     return state["step"], StreamPosition.from_json(state["position"])
 
 
+def resume(accelerator, args) -> tuple[int, StreamPosition]:
+    """Load --resume_from_checkpoint ('latest': the newest in --output_dir) into the prepared model and optimizer (and
+    the RNG states); returns the step and this rank's stream position to continue from, (0, the start) without one."""
+    if not args.resume_from_checkpoint:
+        return 0, StreamPosition()
+    if args.resume_from_checkpoint == "latest":
+        folders = list_checkpoints(args.output_dir)
+        if not folders:
+            logger.info("No checkpoint in %s: starting from scratch.", args.output_dir)
+            return 0, StreamPosition()
+        folder = folders[-1]
+    else:
+        folder = Path(args.resume_from_checkpoint)
+    step, position = load_checkpoint(accelerator, folder)
+    logger.info("Resumed from %s at step %d (epoch %d).", folder, step, position.epoch)
+    return step, position
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Training
-
-
-@dataclass
-class Schedule:
-    """How long and how fast: batch sizes, epoch length in steps, learning rate and warm-up."""
-
-    per_device_batch: int
-    total_batch: int  # per device x processes x gradient accumulation
-    peak_lr: float  # base lr x total batch / 256
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-
-def plan_schedule(args, num_examples: int | None, world_size: int) -> Schedule:
-    per_device = args.per_device_train_batch_size
-    if args.total_batch_size:
-        per_step = world_size * args.gradient_accumulation_steps
-        if args.total_batch_size % per_step:
-            raise UsageError(
-                f"--total_batch_size {args.total_batch_size} is not divisible by processes x accumulation "
-                f"= {per_step}."
-            )
-        per_device = args.total_batch_size // per_step
-    total_batch = per_device * world_size * args.gradient_accumulation_steps
-    steps_per_epoch = args.steps_per_epoch or (num_examples // total_batch if num_examples else 0)
-    if not steps_per_epoch:
-        known = f" ({num_examples}, less than one global batch of {total_batch})" if num_examples else ""
-        raise UsageError(f"Cannot tell how many images the training split has{known}; pass --steps_per_epoch.")
-    total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
-    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
-    return Schedule(
-        per_device_batch=per_device,
-        total_batch=total_batch,
-        peak_lr=args.learning_rate * total_batch / 256,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        warmup_steps=min(warmup, total_steps - 1),
-    )
+# The training loop: `main`, and the pieces of a step and of its logs
 
 
 def bf16_is_native() -> bool:
@@ -692,8 +630,34 @@ def forward_backward(accelerator, model, batches, accumulation_steps: int, measu
     return loss_sum / accumulation_steps, collapse
 
 
-def evaluate_knn(accelerator, backbone, builder, args, image_size: int, step: int) -> dict | None:
-    """kNN accuracy of the teacher, computed by the main process while the others wait."""
+def optimizer_step(accelerator, model, optimizer, lr: float, max_grad_norm: float | None, measure_norm: bool):
+    """One step of learning rate `lr` (times each group's `lr_scale`) on the gradients clipped to `max_grad_norm`
+    (when set), which are then zeroed. Returns the gradient norm, measured only when clipping or `measure_norm` (it
+    costs a pass over the gradients), else None."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    grad_norm = None
+    if max_grad_norm or measure_norm:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def stop_if_nonfinite(accelerator, loss: float, step: int, lr: float, position: StreamPosition, output_dir: Path):
+    """When the loss (the same on every rank) is not finite: save the state before this step, and stop."""
+    if math.isfinite(loss):
+        return
+    folder = output_dir / f"nonfinite-step-{step}"
+    save_checkpoint(accelerator, folder, step, position)
+    raise FloatingPointError(
+        f"The loss is {loss} at step {step} (lr {lr:.3g}). The state before this step is saved in "
+        f"{folder} for debugging; lower --learning_rate, set --max_grad_norm, or use --mixed_precision no."
+    )
+
+
+def evaluate_knn(accelerator, backbone, builder, args, image_size: int, step: int, history: list) -> dict | None:
+    """kNN accuracy of the teacher, computed by the main process while the others wait; appended to `history`."""
     result = None
     if accelerator.is_main_process:
         with accelerator.autocast():
@@ -705,6 +669,7 @@ def evaluate_knn(accelerator, backbone, builder, args, image_size: int, step: in
         )  # fmt: skip
         accelerator.log({"knn/top1": result["top1"], "knn/top5": result["top5"]}, step=step)
     accelerator.wait_for_everyone()
+    history.append({"step": step, **(result or {})})
     return result
 
 
@@ -728,6 +693,44 @@ def warn_on_collapse(logs: dict, step: int, warned: bool) -> bool:
     return True
 
 
+class ProgressLog:
+    """The progress bar, and the logs of a logging step: the tracker's scalars, the collapse warning (once), and in a
+    job's log file (no terminal) a line per logging step instead of the bar's redraws."""
+
+    def __init__(self, accelerator, schedule: Schedule, step: int):
+        self.accelerator, self.schedule = accelerator, schedule
+        self.bar = tqdm(
+            total=schedule.total_steps,
+            initial=step,
+            desc="train",
+            disable=not accelerator.is_main_process,
+            mininterval=0.1 if sys.stderr.isatty() else 60,  # job logs get a line a minute, not every redraw
+        )
+        self.logged_step, self.tick, self.warned_of_collapse = step, time.perf_counter(), False
+
+    def log(self, step: int, position: StreamPosition, collapse: dict, **scalars):
+        """After optimizer step `step`: `scalars` (loss, lr, momentum, grad_norm) as train/<name>, the speed, the
+        epoch, the images skipped so far, and the collapse statistics averaged over the processes."""
+        accelerator, device = self.accelerator, self.accelerator.device
+        images_per_second = self.schedule.total_batch * (step - self.logged_step) / (time.perf_counter() - self.tick)
+        self.logged_step, self.tick = step, time.perf_counter()
+        logs = {
+            **{f"train/{name}": value for name, value in scalars.items()},
+            "train/images_per_second": images_per_second,
+            "train/epoch": step / self.schedule.steps_per_epoch,
+            "data/skipped_images": sum(position.skipped_images.values()),
+            **{name: accelerator.reduce(value, "mean").item() for name, value in collapse.items()},
+        }
+        if device.type == "cuda":
+            logs["train/max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        accelerator.log(logs, step=step)
+        self.warned_of_collapse = warn_on_collapse(logs, step, self.warned_of_collapse)
+        loss, lr = logs["train/loss"], logs["train/lr"]
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
+        if not sys.stderr.isatty():  # a job's log file: a line per logging step, not a progress bar's redraws
+            logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if v is not None))
+
+
 def recipe_summary(args, config, schedule: Schedule) -> dict:
     """The settings of a run, for the log and the model card."""
     return {
@@ -748,6 +751,107 @@ def recipe_summary(args, config, schedule: Schedule) -> dict:
     }
 
 
+def start_logging(accelerator, args, schedule: Schedule, recipe: dict, num_examples: int | None):
+    """Log the run's plan (and warn of a teacher that would stay mostly random), and start the trackers."""
+    init_share = teacher_init_share(schedule.total_steps, args.ema_momentum)
+    if init_share > 0.1:
+        logger.warning(
+            "With --ema_momentum %s over %d steps the final teacher (the network that kNN scores and the export "
+            "saves) is still %.0f%% its random initialisation; lower --ema_momentum (e.g. 0.99) for a run this short.",
+            args.ema_momentum, schedule.total_steps, 100 * init_share,
+        )  # fmt: skip
+    logger.info(
+        "%d steps of %d images (%d processes x %d x %d accumulation), %d per epoch of %s images; %s",
+        schedule.total_steps, schedule.total_batch, accelerator.num_processes, schedule.per_device_batch,
+        args.gradient_accumulation_steps, schedule.steps_per_epoch, num_examples or "?", recipe,
+    )  # fmt: skip
+    if args.report_to != "none":
+        accelerator.init_trackers("extrema", config={k: v for k, v in vars(args).items() if v is not None})
+
+
+def train(**flags) -> dict | None:
+    """Pre-train from Python, flags as keywords: `train(recipe="tiny-cifar10", train_dir="cifar10", seed=1)`."""
+    return main(parse_args([], **flags))
+
+
+def main(argv=None):
+    """The command line: `argv` (a list of flags, default sys.argv) or parsed arguments; returns the run's results."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    accelerator = make_accelerator(args)
+    output_dir, device = Path(args.output_dir), accelerator.device
+
+    # Data: this rank's endless stream; an epoch is a fixed number of optimizer steps
+    dataset, num_examples, builder, knn_enabled = open_training_data(accelerator, args)
+    schedule = plan_schedule(args, num_examples, accelerator.num_processes)
+    args.per_device_train_batch_size = schedule.per_device_batch
+    if args.knn_every_epochs:
+        args.knn_every = max(1, round(args.knn_every_epochs * schedule.steps_per_epoch))
+
+    # Model and optimizer. The same seed on every rank gives the same initial weights.
+    set_seed(args.seed)
+    config = build_config(args)
+    model = build_model(accelerator, config)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, args, schedule.peak_lr, device))
+    unwrapped = accelerator.unwrap_model(model)  # owns update_teacher() and the teacher to evaluate and export
+    transform = build_train_transform(args.augmentation, config.image_size, args.crop_min, args.color_on_device)
+    step, position = resume(accelerator, args)
+    recipe = recipe_summary(args, config, schedule)
+    start_logging(accelerator, args, schedule, recipe, num_examples)
+    knn_history = []  # the kNN curve: one {"step", "top1", "top5"} per evaluation
+    knn = partial(evaluate_knn, accelerator, unwrapped.teacher, builder, args, config.image_size, history=knn_history)
+    knn_start = knn(step) if knn_enabled and step == 0 else None
+
+    model.train()
+    progress = ProgressLog(accelerator, schedule, step)
+    first_step, batches, loss = step, None, None
+    while step < schedule.total_steps:
+        epoch = step // schedule.steps_per_epoch
+        if position.epoch != epoch:  # a new epoch (or a checkpoint taken at the end of the previous one)
+            position, batches = StreamPosition(epoch=epoch), None
+        if batches is None:
+            batches = training_batches(dataset, transform, args, config.mask_noise_shape, position, device)
+        lr = get_lr(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, args.min_learning_rate)
+        momentum = get_momentum(step, schedule.total_steps, args.ema_momentum)
+        log_now = (step + 1) % args.logging_steps == 0 or step + 1 == schedule.total_steps
+        loss, collapse = forward_backward(accelerator, model, batches, args.gradient_accumulation_steps, log_now)
+        loss = accelerator.reduce(loss, "mean").item()  # the same value on every rank: they stop together
+        stop_if_nonfinite(accelerator, loss, step, lr, position, output_dir)
+        grad_norm = optimizer_step(accelerator, model, optimizer, lr, args.max_grad_norm, measure_norm=log_now)
+        unwrapped.update_teacher(momentum)
+        step += 1
+        progress.bar.update(1)
+
+        if log_now:
+            progress.log(step, position, collapse, loss=loss, lr=lr, momentum=momentum, grad_norm=grad_norm)
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir / f"checkpoint-{step}", step, position, args.keep_checkpoints)
+        if step == schedule.total_steps:
+            break
+        if knn_enabled and args.knn_every and step % args.knn_every == 0:
+            knn(step)
+            model.train()
+        if args.export_every and step % args.export_every == 0:
+            export_teacher(accelerator, unwrapped.teacher, output_dir / f"export-step-{step}", args, recipe)
+        if args.stop_after_steps and step - first_step >= args.stop_after_steps:
+            logger.info("Stopped after step %d (--stop_after_steps); continue with --resume_from_checkpoint.", step)
+            accelerator.end_training()
+            return None
+    progress.bar.close()
+    del batches  # stops the DataLoader workers
+
+    knn_end = knn(step) if knn_enabled else None
+    final = export_final(accelerator, unwrapped.teacher, args, recipe, step, knn_start, knn_end)
+    accelerator.end_training()
+    return {
+        "step": step, "loss": loss, "knn_start": knn_start, "knn_end": knn_end, "knn_history": knn_history,
+        "num_examples": num_examples, "steps_per_epoch": schedule.steps_per_epoch, "final_dir": str(final),
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export: the teacher backbone as a Hub-ready folder
+
+
 def export_teacher(accelerator, teacher, folder: Path, args, recipe: dict, knn: dict | None = None):
     if accelerator.is_main_process:
         if args.dataset_name:
@@ -761,195 +865,154 @@ def export_teacher(accelerator, teacher, folder: Path, args, recipe: dict, knn: 
     accelerator.wait_for_everyone()
 
 
-def train(**flags) -> dict | None:
-    """Pre-train from Python, flags as keywords: `train(recipe="tiny-cifar10", train_dir="cifar10", seed=1)`."""
-    return main(parse_args([], **flags))
-
-
-def main(argv=None):
-    """The command line: `argv` (a list of flags, default sys.argv) or parsed arguments; returns the run's results."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    accelerator = make_accelerator(args)
-    output_dir, device = Path(args.output_dir), accelerator.device
-    world_size, rank = accelerator.num_processes, accelerator.process_index
-
-    # Data. The Fashion-MNIST cache is built once, by the main process.
-    with accelerator.main_process_first():
-        builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
-    raw = load_raw_stream(builder, args.train_split, args.image_column, args.label_column)
-    num_examples = count_examples(builder, args.train_split)
-    schedule = plan_schedule(args, num_examples, world_size)
-    args.per_device_train_batch_size = schedule.per_device_batch
-    if args.knn_every_epochs:
-        args.knn_every = max(1, round(args.knn_every_epochs * schedule.steps_per_epoch))
-    dataset = rank_dataset(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
-    knn_enabled = not args.skip_knn and "label" in raw.column_names
-    if knn_enabled and args.validation_split is None:
-        args.validation_split = default_validation_split(builder)
-        if args.validation_split is None:
-            logger.warning("No validation split (name one with --validation_split): no kNN accuracy.")
-            knn_enabled = False
-
-    # Model and optimizer. The same seed on every rank gives the same initial weights.
-    set_seed(args.seed)
-    config = build_config(args)
-    model = ExtremaForPreTraining(config)
-    if config.head_norm == "batchnorm" and world_size > 1:
-        if device.type == "cuda":  # one set of head statistics over the global batch, as in one process (MoCo v3)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:  # torch's SyncBatchNorm runs on GPUs only
-            logger.warning("BatchNorm heads on %d CPU processes use per-process batch statistics.", world_size)
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16":
-        model.set_attn_implementation("eager")  # CPU sdpa is slow on short bf16 sequences (1.3x step here)
-    # the fused kernel: one pass over all parameters, not one per tensor (6x faster AdamW step on a CPU here)
-    fused = accelerator.device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(
-        param_groups(model, args.weight_decay, args.predictor_lr_multiplier),
-        lr=schedule.peak_lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        fused=fused,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)  # owns update_teacher() and the teacher to evaluate and export
-    transform = build_train_transform(args.augmentation, config.image_size, args.crop_min, args.color_on_device)
-
-    # Resume: weights, optimizer, RNG states, and this rank's stream position
-    step, position = 0, StreamPosition()
-    if args.resume_from_checkpoint:
-        folders = list_checkpoints(output_dir) if args.resume_from_checkpoint == "latest" else None
-        folder = Path(args.resume_from_checkpoint) if folders is None else (folders[-1] if folders else None)
-        if folder is None:
-            logger.info("No checkpoint in %s: starting from scratch.", output_dir)
-        else:
-            step, position = load_checkpoint(accelerator, folder)
-            logger.info("Resumed from %s at step %d (epoch %d).", folder, step, position.epoch)
-
-    recipe = recipe_summary(args, config, schedule)
-    init_share = teacher_init_share(schedule.total_steps, args.ema_momentum)
-    if init_share > 0.1:
-        logger.warning(
-            "With --ema_momentum %s over %d steps the final teacher (the network that kNN scores and the export "
-            "saves) is still %.0f%% its random initialisation; lower --ema_momentum (e.g. 0.99) for a run this short.",
-            args.ema_momentum, schedule.total_steps, 100 * init_share,
-        )  # fmt: skip
-    logger.info(
-        "%d steps of %d images (%d processes x %d x %d accumulation), %d per epoch of %s images; %s",
-        schedule.total_steps, schedule.total_batch, world_size, schedule.per_device_batch,
-        args.gradient_accumulation_steps, schedule.steps_per_epoch, num_examples or "?", recipe,
-    )  # fmt: skip
-    if args.report_to != "none":
-        accelerator.init_trackers("extrema", config={k: v for k, v in vars(args).items() if v is not None})
-    knn_start, knn_history = None, []  # the kNN curve: one {"step", "top1", "top5"} per evaluation
-    if knn_enabled and step == 0:
-        knn_start = evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
-        knn_history.append({"step": step, **(knn_start or {})})
-
-    model.train()
-    progress = tqdm(
-        total=schedule.total_steps,
-        initial=step,
-        desc="train",
-        disable=not accelerator.is_main_process,
-        mininterval=0.1 if sys.stderr.isatty() else 60,  # job logs get a line a minute, not every redraw
-    )
-    first_step, logged_step, tick, collapse_warning = step, step, time.perf_counter(), False
-    batches, loss = None, None
-    while step < schedule.total_steps:
-        epoch = step // schedule.steps_per_epoch
-        if position.epoch != epoch:  # a new epoch (or a checkpoint taken at the end of the previous one)
-            position, batches = StreamPosition(epoch=epoch), None
-        if batches is None:
-            batches = training_batches(dataset, transform, args, config.mask_noise_shape, position, device)
-
-        lr = get_lr(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, args.min_learning_rate)
-        momentum = get_momentum(step, schedule.total_steps, args.ema_momentum)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        log_now = (step + 1) % args.logging_steps == 0 or step + 1 == schedule.total_steps
-        loss, collapse = forward_backward(accelerator, model, batches, args.gradient_accumulation_steps, log_now)
-        loss = accelerator.reduce(loss, "mean").item()  # the same value on every rank: they stop together
-        if not math.isfinite(loss):
-            folder = output_dir / f"nonfinite-step-{step}"
-            save_checkpoint(accelerator, folder, step, position)
-            raise FloatingPointError(
-                f"The loss is {loss} at step {step} (lr {lr:.3g}). The state before this step is saved in "
-                f"{folder} for debugging; lower --learning_rate, set --max_grad_norm, or use --mixed_precision no."
-            )
-        grad_norm = None
-        if args.max_grad_norm or log_now:  # the norm costs a pass over the gradients: only when needed
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        unwrapped.update_teacher(momentum)
-        step += 1
-        progress.update(1)
-
-        if log_now:
-            images_per_second = schedule.total_batch * (step - logged_step) / (time.perf_counter() - tick)
-            logged_step, tick = step, time.perf_counter()
-            logs = {
-                "train/loss": loss,
-                "train/lr": lr,
-                "train/momentum": momentum,
-                "train/grad_norm": grad_norm,
-                "train/images_per_second": images_per_second,
-                "train/epoch": step / schedule.steps_per_epoch,
-                "data/skipped_images": sum(position.skipped_images.values()),
-                **{name: accelerator.reduce(value, "mean").item() for name, value in collapse.items()},
-            }
-            if device.type == "cuda":
-                logs["train/max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            accelerator.log(logs, step=step)
-            collapse_warning = warn_on_collapse(logs, step, collapse_warning)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
-            if not sys.stderr.isatty():  # a job's log file: a line per logging step, not a progress bar's redraws
-                logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if v is not None))
-        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir / f"checkpoint-{step}", step, position, args.keep_checkpoints)
-        if step == schedule.total_steps:
-            break
-        if knn_enabled and args.knn_every and step % args.knn_every == 0:
-            knn = evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
-            knn_history.append({"step": step, **(knn or {})})
-            model.train()
-        if args.export_every and step % args.export_every == 0:
-            export_teacher(accelerator, unwrapped.teacher, output_dir / f"export-step-{step}", args, recipe)
-        if args.stop_after_steps and step - first_step >= args.stop_after_steps:
-            logger.info("Stopped after step %d (--stop_after_steps); continue with --resume_from_checkpoint.", step)
-            accelerator.end_training()
-            return None
-    progress.close()
-    del batches  # stops the DataLoader workers
-
-    knn_end = None
-    if knn_enabled:
-        knn_end = evaluate_knn(accelerator, unwrapped.teacher, builder, args, config.image_size, step)
-        knn_history.append({"step": step, **(knn_end or {})})
+def export_final(accelerator, teacher, args, recipe: dict, step: int, knn_start, knn_end) -> Path:
+    """The end of a run: the kNN change printed, the teacher exported to <output_dir>/final (its card with the final
+    kNN accuracy) and, with --push_to_hub, uploaded; returns the folder."""
     if knn_start and knn_end and accelerator.is_main_process:
         print(
             f"kNN top-1 on {args.validation_split}: {knn_start['top1']:.2f}% at initialisation -> "
             f"{knn_end['top1']:.2f}% after {step} steps"
         )
-    final = output_dir / "final"
-    export_teacher(accelerator, unwrapped.teacher, final, args, recipe, knn_end)
+    final = Path(args.output_dir) / "final"
+    export_teacher(accelerator, teacher, final, args, recipe, knn_end)
     if args.push_to_hub and accelerator.is_main_process:
-        from huggingface_hub import HfApi
+        push_to_hub(final, args.hub_model_id, args.hub_private, commit_message=f"ExtreMA, step {step}")
+    return final
 
-        api = HfApi()
-        api.create_repo(args.hub_model_id, private=args.hub_private, exist_ok=True)
-        api.upload_folder(repo_id=args.hub_model_id, folder_path=str(final), commit_message=f"ExtreMA, step {step}")
-        logger.info("Uploaded %s to https://huggingface.co/%s", final, args.hub_model_id)
-    accelerator.end_training()
-    return {
-        "step": step,
-        "loss": loss,
-        "knn_start": knn_start,
-        "knn_end": knn_end,
-        "knn_history": knn_history,
-        "num_examples": num_examples,
-        "steps_per_epoch": schedule.steps_per_epoch,
-        "final_dir": str(final),
-    }
+
+def push_to_hub(folder: Path, repo_id: str, private: bool, commit_message: str):
+    """Upload an exported folder to the Hub model repository `repo_id`, created if needed."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    logger.info("Uploaded %s to https://huggingface.co/%s", folder, repo_id)
+
+
+def export_backbone(backbone, output_dir, **card_fields) -> Path:
+    """Save an `ExtremaModel` with `save_pretrained`, a `ViTImageProcessor` and a model card; returns the folder.
+
+    The folder loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`: the model classes call
+    `register_for_auto_class`, so the config gets an `auto_map` and the modeling code is copied beside the weights.
+    Card fields (all optional): model_id (used in the usage snippet), datasets (list), recipe (dict or str),
+    knn (dict with top1/top5 and optionally k, temperature, split, dataset), tags (list), description (str).
+    The kNN top-1 also goes into the card's metadata as a model-index result (the Hub shows it beside the model) when
+    its dataset is a Hub id: knn["dataset"], else the first of `datasets`.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from transformers import ViTImageProcessor
+
+    output_dir = Path(output_dir)
+    backbone.save_pretrained(output_dir, safe_serialization=True)
+    size = backbone.config.image_size
+    processor = ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
+    )
+    processor.save_pretrained(output_dir)
+
+    text = model_card_text(backbone.config, **card_fields)
+    knn, datasets = card_fields.get("knn"), card_fields.get("datasets") or None
+    knn_dataset = knn and (knn.get("dataset") or (datasets or [None])[0])
+    eval_results = None
+    if knn_dataset:  # a kNN classifier on the frozen pooler_output: image classification, scored by accuracy
+        k, temperature = knn.get("k", 200), knn.get("temperature", 0.07)
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image classification (weighted kNN on frozen features)",
+                dataset_type=knn_dataset,
+                dataset_name=knn_dataset,
+                dataset_split=knn.get("split"),
+                metric_type="accuracy",
+                metric_name=f"kNN top-1 accuracy (k={k}, T={temperature})",
+                metric_value=round(float(knn["top1"]), 2),
+                metric_args={"k": k, "temperature": temperature},
+            )
+        ]
+    card_data = ModelCardData(
+        model_name=text.partition("\n")[0].removeprefix("# ") if eval_results else None,  # the card's title
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license="apache-2.0",
+        tags=["extrema", "vision", "self-supervised-learning", "masked-image-modeling", *card_fields.get("tags", [])],
+        datasets=datasets,
+        eval_results=eval_results,
+    )
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{text}")
+    card.save(output_dir / "README.md")
+    return output_dir
+
+
+def model_card_text(config, model_id=None, datasets=None, recipe=None, knn=None, description=None, **_) -> str:
+    """The card's Markdown below the metadata: title, description, recipe table, kNN result, usage, citation."""
+    import re
+
+    def readable(value) -> str:  # long decimals to 3 significant digits: 375 / 468 steps shows 0.801 epochs
+        return re.sub(r"\d+\.\d{5,}", lambda number: f"{float(number[0]):.{max(3, number[0].index('.'))}g}", str(value))
+
+    model_id = model_id or "path/to/this/folder"
+    lines = [
+        f"# ExtreMA {config.hidden_size}-wide, {config.num_hidden_layers}-layer ViT/{config.patch_size}",
+        "",
+        description
+        or (
+            "A vision transformer pre-trained without labels with ExtreMA (Wu et al., 2022, "
+            "[arXiv:2206.04667](https://arxiv.org/abs/2206.04667)): BYOL in which a student sees only 10-25% of "
+            "the patches (several disjoint masks) and predicts the representation that a momentum teacher computes "
+            "from the full image. This is the teacher backbone. `pooler_output` (the class token built by "
+            "class-attention blocks) is the instance representation; `last_hidden_state[:, 1:]` are the patch "
+            "tokens (the distributed representation)."
+        ),
+        "",
+    ]
+    if datasets:
+        lines += [f"Pre-training data: {', '.join(datasets)}.", ""]
+    if recipe:
+        lines += ["## Training recipe", ""]
+        if isinstance(recipe, dict):
+            lines += ["| setting | value |", "|---|---|", *[f"| {k} | {readable(v)} |" for k, v in recipe.items()]]
+        else:
+            lines += [readable(recipe)]
+        lines += [""]
+    if knn:
+        where = f" on {knn['split']}" if knn.get("split") else ""
+        lines += [
+            "## Evaluation",
+            "",
+            f"Weighted kNN (k={knn.get('k', 200)}, T={knn.get('temperature', 0.07)}) on `pooler_output`{where}: "
+            f"top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%.",
+            "",
+        ]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from PIL import Image",
+        "from transformers import AutoImageProcessor, AutoModel",
+        "",
+        f'processor = AutoImageProcessor.from_pretrained("{model_id}")',
+        f'model = AutoModel.from_pretrained("{model_id}", trust_remote_code=True).eval()',
+        'inputs = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="pt")',
+        "with torch.no_grad():",
+        "    outputs = model(**inputs)",
+        "instance = outputs.pooler_output  # (1, hidden): the image's representation",
+        "patches = outputs.last_hidden_state[:, 1:]  # (1, num_patches, hidden): one token per patch",
+        "```",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        "@article{wu2022extreme,",
+        "  title={Extreme Masking for Learning Instance and Distributed Visual Representations},",
+        "  author={Wu, Zhirong and Lai, Zihang and Sun, Xiao and Lin, Stephen},",
+        "  journal={arXiv preprint arXiv:2206.04667},",
+        "  year={2022}",
+        "}",
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
