@@ -845,6 +845,7 @@ def main(argv=None):
     return {
         "step": step, "loss": loss, "knn_start": knn_start, "knn_end": knn_end, "knn_history": knn_history,
         "num_examples": num_examples, "steps_per_epoch": schedule.steps_per_epoch, "final_dir": str(final),
+        "mixed_precision": accelerator.mixed_precision,  # what the run trained in: --mixed_precision auto resolved
     }  # fmt: skip
 
 

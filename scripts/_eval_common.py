@@ -171,13 +171,14 @@ def load_image(args):
 
 
 def train_classifier(
-    model, optimizer, loader, accelerator, *, loss_fn, lr_at, num_epochs: int, total_steps: int,
+    model, optimizer, loader, accelerator, *, loss_fn, scheduler, num_epochs: int, total_steps: int,
     max_grad_norm: float | None = None, frozen=None, desc: str = "train",
 ) -> tuple[int, float]:  # fmt: skip
     """Train a prepared classifier for `num_epochs` passes over `loader`; returns (optimizer steps, last loss).
 
-    loss_fn(model, batch) -> scalar loss; lr_at(step) -> the learning rate of optimizer step `step`, scaled by each
-    param group's `lr_scale` (1 when absent). Gradients accumulate over the Accelerator's
+    loss_fn(model, batch) -> scalar loss; `scheduler`: the learning rates (e.g. transformers'
+    `get_cosine_schedule_with_warmup`), stepped once per optimizer step. It is not passed through
+    `accelerator.prepare`, which would step it once per process. Gradients accumulate over the Accelerator's
     `gradient_accumulation_steps` batches per optimizer step. `frozen` (a submodule: the probe's backbone) stays in
     eval mode, so that its dropout, drop path and BatchNorm statistics do not change while the head trains.
     """
@@ -190,9 +191,6 @@ def train_classifier(
             frozen.eval()
         for batch in loader:
             with accelerator.accumulate(model):
-                lr = lr_at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss = loss_fn(model, batch)
                 accelerator.backward(loss)
                 if max_grad_norm and accelerator.sync_gradients:
@@ -200,6 +198,8 @@ def train_classifier(
                 optimizer.step()  # the prepared optimizer steps only once the gradients are accumulated
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
+                lr = max(scheduler.get_last_lr())  # the step's largest lr (layer decay scales the others down)
+                scheduler.step()
                 step += 1
                 progress.update(1)
                 progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")

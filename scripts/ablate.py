@@ -92,6 +92,7 @@ def run_variant(folder: Path, changes: dict, train_dir=None, **budget) -> dict:
         "steps": result["step"],
         "steps_per_epoch": result["steps_per_epoch"],
         "final_dir": result["final_dir"],
+        "mixed_precision": result["mixed_precision"],
     }
 
 

@@ -27,7 +27,7 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import ViTMAEForPreTraining
+from transformers import ViTMAEForPreTraining, get_cosine_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import ablate
@@ -35,7 +35,7 @@ from _eval_common import load_extrema, resolve_validation_split, run, write_resu
 from benchmark_throughput import vitmae_config_like
 from data_extrema import add_data_args, build_eval_transform, build_train_transform, labelled_loader
 from eval_extrema import extract_features, linear_probe_on_features, weighted_knn
-from train_extrema import get_lr, param_groups
+from train_extrema import param_groups
 
 # method in the table -> variant of the `fixes` study of scripts/ablate.py
 EXTREMA_METHODS = {
@@ -80,8 +80,9 @@ def pretrain_extrema(args) -> dict:
     return ablate.run_study("fixes", study_dir, list(EXTREMA_METHODS.values()), args.train_dir, **budget)
 
 
-def pretrain_mae(args, config, steps_per_epoch: int, on_epoch) -> tuple[ViTMAEForPreTraining, float]:
-    """ExtreMA's budget with the MAE recipe; calls on_epoch(model, epoch) at the start and after every epoch."""
+def pretrain_mae(args, config, steps_per_epoch: int, precision: str, on_epoch) -> tuple[ViTMAEForPreTraining, float]:
+    """ExtreMA's budget and precision ("bf16" or "no") with the MAE recipe; calls on_epoch(model, epoch) at the start
+    and after every epoch."""
     start = time.perf_counter()
     set_seed(args.seed)
     mae_config = vitmae_config_like(config, args.mae_decoder_hidden_size, args.mae_decoder_layers)
@@ -92,21 +93,21 @@ def pretrain_mae(args, config, steps_per_epoch: int, on_epoch) -> tuple[ViTMAEFo
     batch_size = args.per_device_train_batch_size
     peak_lr = args.mae_learning_rate * batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=peak_lr, betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)  # as train_extrema's
     transform = build_train_transform("crop", config.image_size, crop_min=0.2).shared  # one crop + flip view
     loader = labelled_loader(args, args.train_split, transform, shuffle=True, batch_size=batch_size)
-    bf16 = train_extrema_precision() == "bf16"
+    bf16 = precision == "bf16"
     step, epoch, seconds = 0, 0, 0.0
     on_epoch(model, 0)
     progress = tqdm(total=total_steps, desc="ViTMAE")
     while step < total_steps:
         loader.dataset.set_epoch(epoch)
         for batch in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, total_steps, warmup_steps, peak_lr)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(pixel_values=batch["pixel_values"]).loss
             loss.backward()
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.update(1)
@@ -121,13 +122,6 @@ def pretrain_mae(args, config, steps_per_epoch: int, on_epoch) -> tuple[ViTMAEFo
         epoch += 1
     progress.close()
     return model.eval(), seconds
-
-
-def train_extrema_precision() -> str:
-    """The precision `--mixed_precision auto` gives ExtreMA here, so that ViTMAE trains in the same one."""
-    from train_extrema import bf16_is_native
-
-    return "bf16" if bf16_is_native() else "no"
 
 
 class MeanPooledMAE(nn.Module):
@@ -237,7 +231,10 @@ def main(argv=None):
         mae_curve["epochs"].append(round(epoch, 3))
         mae_curve["knn_top1"].append(knn["top1"])
 
-    mae, mae_seconds = pretrain_mae(args, config, rows[0]["steps_per_epoch"], mae_knn)
+    # in the precision the ExtreMA runs trained in (--mixed_precision auto: bf16 where the CPU has bf16 dot products;
+    # a study recorded before the runs stored it: float32)
+    precision = study["variants"][EXTREMA_METHODS[rows[0]["method"]]].get("mixed_precision", "no")
+    mae, mae_seconds = pretrain_mae(args, config, rows[0]["steps_per_epoch"], precision, mae_knn)
     rows.append({"method": "ViTMAE (mean-pooled encoder tokens)", "backbone": MeanPooledMAE(mae),
                  "epochs": args.num_train_epochs, "train_wall_s": mae_seconds, "curve": mae_curve})  # fmt: skip
     set_seed(args.seed)

@@ -31,8 +31,9 @@ from _eval_common import (
     train_classifier,
     write_results,
 )
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
 from data_extrema import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, labelled_loader
-from train_extrema import get_lr
 
 
 def parse_args(argv=None):
@@ -122,14 +123,18 @@ def main(argv=None):
 
     total_batch = args.batch_size * accelerator.num_processes
     peak_lr = args.learning_rate * total_batch / 256
+    groups = layer_decay_param_groups(model, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(
-        layer_decay_param_groups(model, args.weight_decay, args.layer_decay), lr=peak_lr, betas=(0.9, 0.999)
+        [{**group, "lr": peak_lr * group["lr_scale"]} for group in groups], lr=peak_lr, betas=(0.9, 0.999)
     )
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
     steps_per_epoch = math.ceil(num_train / total_batch)
     total_steps = args.num_train_epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    # every group: 0 -> its peak (peak_lr x lr_scale) -> min_learning_rate x lr_scale
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, warmup_steps, total_steps, min_lr=args.min_learning_rate
+    )
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
     def loss_fn(model, batch):
         pixel_values, targets = batch["pixel_values"], batch["label"]
@@ -139,7 +144,7 @@ def main(argv=None):
 
     step, loss = train_classifier(
         model, optimizer, train_loader, accelerator, loss_fn=loss_fn,
-        lr_at=lambda step: get_lr(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate),
+        scheduler=scheduler,
         num_epochs=args.num_train_epochs, total_steps=total_steps, max_grad_norm=args.max_grad_norm, desc="fine-tune",
     )  # fmt: skip
 

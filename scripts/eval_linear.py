@@ -39,8 +39,9 @@ from _eval_common import (
     train_classifier,
     write_results,
 )
+from transformers import get_cosine_schedule_with_warmup
+
 from data_extrema import build_eval_transform, build_train_transform, labelled_loader
-from train_extrema import get_lr
 
 
 class LARS(torch.optim.Optimizer):
@@ -148,15 +149,15 @@ def main(argv=None):
         optimizer = LARS(trainable, lr=peak_lr, weight_decay=args.weight_decay, momentum=args.momentum)
     else:
         optimizer = torch.optim.SGD(trainable, lr=peak_lr, weight_decay=args.weight_decay, momentum=args.momentum)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
     steps_per_epoch = math.ceil(num_train / total_batch)
     total_steps = args.num_train_epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)  # 0 -> peak_lr -> 0
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     step, loss = train_classifier(
         model, optimizer, train_loader, accelerator,
         loss_fn=lambda model, batch: F.cross_entropy(model(batch["pixel_values"]).logits, batch["label"]),
-        lr_at=lambda step: get_lr(step, total_steps, warmup_steps, peak_lr),
+        scheduler=scheduler,
         num_epochs=args.num_train_epochs, total_steps=total_steps,
         frozen=accelerator.unwrap_model(model).extrema, desc="linear probe",
     )  # fmt: skip

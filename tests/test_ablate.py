@@ -17,7 +17,7 @@ def test_a_study_runs_each_variant_once_and_continues_where_it_stopped(tmp_path,
     def fake_train(**flags):  # a kNN curve that depends on the variant's mask ratio
         calls.append(flags)
         start = 30.0 + 10 * flags.get("mask_ratio", 0.75)
-        return {"steps_per_epoch": 195, "step": 390, "final_dir": "f", "knn_history": [{"step": s, "top1": start + s / 195} for s in (0, 195, 390)]}
+        return {"steps_per_epoch": 195, "step": 390, "final_dir": "f", "mixed_precision": "no", "knn_history": [{"step": s, "top1": start + s / 195} for s in (0, 195, 390)]}
 
     monkeypatch.setattr(ablate.train_extrema, "train", fake_train)
     common = ["--study", "masking", "--train_dir", "cifar", "--output_dir", str(tmp_path), "--num_train_epochs", "2"]

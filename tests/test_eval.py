@@ -213,11 +213,12 @@ def test_training_loop_accumulated_batches_make_the_step_of_one_large_batch():
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 3)
         accelerator = Accelerator(gradient_accumulation_steps=accumulation)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (step + 1))  # lr 0.5, then 1
         loader = torch.utils.data.DataLoader(rows, batch_size=batch_size)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         steps, _ = train_classifier(
-            model, optimizer, loader, accelerator, num_epochs=2, total_steps=2, lr_at=lambda step: 0.5 * (step + 1),
+            model, optimizer, loader, accelerator, num_epochs=2, total_steps=2, scheduler=scheduler,
             loss_fn=lambda model, batch: F.cross_entropy(model(batch["pixel_values"]), batch["label"]),
         )  # fmt: skip
         return steps, accelerator.unwrap_model(model).weight.detach()
