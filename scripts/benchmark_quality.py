@@ -181,30 +181,6 @@ def markdown_table(rows, ks, batch_size: int) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(rows, path: Path, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for row in rows:
-        if row.get("curve"):
-            ax.plot(row["curve"]["epochs"], row["curve"]["knn_top1"], marker="o", label=row["method"])
-        elif "knn_top1_k20" in row:  # untrained network, raw pixels: a level, not a curve
-            level = row["knn_top1_k20"]
-            ax.axhline(level, linestyle="--", linewidth=1, color="gray" if "raw" in row["method"] else "black")
-            ax.annotate(row["method"], (0, level), textcoords="offset points", xytext=(2, 3), fontsize=7)
-    ax.set_xlabel("epoch of CIFAR-10")
-    ax.set_ylabel("kNN top-1 (%), k=20")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -249,7 +225,9 @@ def main(argv=None):
     print(table)
     (output_dir / "table.md").write_text(table + "\n")
     title = f"ExtreMA tiny on CIFAR-10: kNN during pre-training (seed {args.seed})"
-    plot_curves(rows, output_dir / "curves.png", title)
+    curves = {row["method"]: (row["curve"]["epochs"], row["curve"]["knn_top1"]) for row in rows if row.get("curve")}
+    levels = {row["method"]: row["knn_top1_k20"] for row in rows if not row.get("curve") and "knn_top1_k20" in row}
+    ablate.plot_curves(curves, output_dir / "curves.png", title, levels)
     results = {
         "data": args.dataset_name or args.train_dir,
         "gallery": f"first {len(gallery.dataset)} images of {args.train_split}",
