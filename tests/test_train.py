@@ -175,6 +175,10 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, flags):
 def test_recipes_and_defaults():
     args = te.parse_args([])
     assert args.recipe == "tiny-fashion-mnist" and args.model_config == "tiny"
+    # the demo trains the paper's objective with the fixes that keep a short BYOL run from collapsing
+    assert (args.loss, args.target_centering, args.head_norm, args.predictor_lr_multiplier) == (
+        "byol", "batch", "batchnorm", 10.0,
+    )  # fmt: skip
     args = te.parse_args(["--recipe", "vit-base-mask08x5-color", "--num_masks", "2"])
     assert (args.model_config, args.mask_ratio, args.num_masks) == ("vit-base-patch16", 0.8, 2)
     assert (args.augmentation, args.total_batch_size, args.warmup_epochs) == ("shared_crop_color", 2048, 40)
