@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -487,6 +487,7 @@ def get_momentum(step: int, total_steps: int, base_momentum: float) -> float:
     return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
 
 
+@cache  # a pass over every step of the run (375k for ImageNet): once, though the summary and the warning both ask
 def teacher_init_share(total_steps: int, base_momentum: float) -> float:
     """The share of its initial weights that the teacher still holds after the run: the product of the momenta.
 

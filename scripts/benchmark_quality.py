@@ -1,6 +1,6 @@
 """Quality benchmark: what ExtreMA learns on CIFAR-10 against its baselines, at the same budget, on a CPU.
 
-    python scripts/benchmark_quality.py --train_dir ../shared/data/cifar10 --num_train_epochs 3 --output_dir bench/quality
+    python scripts/benchmark_quality.py --train_dir path/to/cifar10 --num_train_epochs 3 --output_dir bench/quality
 
 Every pre-training gets the same number of epochs of the same batch (256) and seed:
 - ExtreMA (the tiny preset, `train_extrema.py --recipe tiny-cifar10` through `ablate.run_study("fixes", ...)`):
