@@ -563,9 +563,11 @@ class TrainingStream(torch.utils.data.IterableDataset):
                 if image is None:
                     skipped += 1
                     continue
-                # fork_rng: the per-image seed must not disturb the process RNG (it also drives drop path)
+                # fork_rng: the per-image seed must not disturb the process RNG (it also drives drop path). Only the
+                # CPU generator draws here; torch.manual_seed would also queue a CUDA seeding, with its stack trace,
+                # per image (a third of the worker's time)
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(example_seed(self.seed, epoch, row["image"]))
+                    torch.default_generator.manual_seed(example_seed(self.seed, epoch, row["image"]))
                     views = view_fields(*self.transform(image))
                     noise = torch.rand(self.noise_shape)
                 sample = {**views, "noise": noise, "worker": worker, "rows": rows, "skipped": skipped}
