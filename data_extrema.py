@@ -685,13 +685,45 @@ def collate_eval(rows):
     }
 
 
+class ShardQuotaSubset(torch.utils.data.IterableDataset):
+    """Batches of a fixed subset of a split: the first decodable images of every shard, `max_samples` in all.
+
+    Shard s of S gives its first max_samples // S images (one more for the first max_samples % S shards; fewer if it
+    has fewer). DataLoader workers divide the shards among them, and each reads only its shards' first images, so the
+    subset is the same for any number of workers. (The first N images of the stream would not be: `datasets` splits
+    N among the workers, each taking from its own shards, and a kNN gallery would change with --num_workers.)
+    """
+
+    def __init__(self, stream: datasets.IterableDataset, transform, max_samples: int, batch_size: int):
+        self.stream, self.transform, self.max_samples, self.batch_size = stream, transform, max_samples, batch_size
+
+    def __iter__(self):
+        worker_info = torch.utils.data.get_worker_info()
+        worker, num_workers = (worker_info.id, worker_info.num_workers) if worker_info else (0, 1)
+        num_shards = self.stream.num_shards
+        for index in range(worker, num_shards, num_workers):
+            quota = self.max_samples // num_shards + (index < self.max_samples % num_shards)
+            if quota == 0:
+                continue
+            shard = self.stream.shard(num_shards=num_shards, index=index)
+            images = shard.map(_decode_row).filter(_is_decoded).take(quota)
+            # .iter reads this one shard here; iterating the dataset itself in a worker would split it among workers
+            for rows in images.iter(batch_size=self.batch_size):
+                yield {
+                    "pixel_values": torch.stack([self.transform(image) for image in rows["image"]]),
+                    "label": torch.tensor(rows.get("label") or [-1] * len(rows["image"])),
+                }
+
+
 def labelled_loader(args, split, transform, max_samples=None, shuffle=False, batch_size=None, builder=None):
-    """Batches {"pixel_values" (B, 3, S, S), "label" (B,)} of the first `max_samples` decodable images of a split.
+    """Batches {"pixel_values" (B, 3, S, S), "label" (B,)} of a split's decodable images, or of a fixed subset.
 
     `args` holds the data flags (`add_data_args`) and `seed`; `batch_size` defaults to `args.batch_size`, `builder`
-    (an `open_dataset` result) to the dataset the flags name. With DataLoader workers, "the first N" are the first
-    N / workers of each worker's shards: a fixed subset all the same. With `shuffle` the same subset is reshuffled
-    every epoch (call `set_epoch(epoch)` on the loader). Making or reading the loader never draws from the global RNG.
+    (an `open_dataset` result) to the dataset the flags name. With `max_samples`, the subset is the first images of
+    every shard (`ShardQuotaSubset`; the same for any number of DataLoader workers) when not shuffled, and the first
+    images of the stream when shuffled (then it depends on the number of workers). With `shuffle` the images are
+    reshuffled every epoch (call `set_epoch(epoch)` on the loader). Making or reading the loader never draws from the
+    global RNG.
     """
     if builder is None:
         builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
@@ -701,6 +733,12 @@ def labelled_loader(args, split, transform, max_samples=None, shuffle=False, bat
             f"The split {split!r} has no labels (columns: {stream.column_names}), and this evaluation needs them. "
             "Name the label column with --label_column, or use a labelled dataset."
         )
+    batch_size = batch_size or args.batch_size
+    num_workers = min(args.num_workers, stream.num_shards)
+    if max_samples is not None and not shuffle:
+        subset = ShardQuotaSubset(stream, transform, max_samples, batch_size)
+        generator = torch.Generator().manual_seed(args.seed)  # so that making a loader never draws from the global RNG
+        return torch.utils.data.DataLoader(subset, batch_size=None, num_workers=num_workers, generator=generator)
     stream = stream.map(_decode_row).filter(_is_decoded)
     if max_samples is not None:
         stream = stream.take(max_samples)
@@ -712,8 +750,8 @@ def labelled_loader(args, split, transform, max_samples=None, shuffle=False, bat
     stream = stream.map(lambda row: {**row, "pixel_values": transform(row["image"])}, remove_columns=["image"])
     return torch.utils.data.DataLoader(
         stream,
-        batch_size=batch_size or args.batch_size,
-        num_workers=min(args.num_workers, stream.num_shards),
+        batch_size=batch_size,
+        num_workers=num_workers,
         collate_fn=collate_eval,
         generator=torch.Generator().manual_seed(args.seed),
     )

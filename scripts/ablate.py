@@ -12,13 +12,17 @@ Every variant changes only the flags listed in `STUDIES`, keeps the seed, and lo
 (k=20, T=0.07; gallery: the first --knn_train_samples training images, queries: the first --knn_val_samples test
 images) at initialisation and after every epoch. Writes `results.json` (the curves), `table.md` and `curves.png` to
 --output_dir. A variant already in results.json is not run again, so an interrupted study continues where it
-stopped (delete results.json to start over).
+stopped (delete results.json to start over). Processes given different --variants can share one --output_dir and
+run at the same time (one per GPU, say): each adds its variants to results.json under a file lock.
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
+
+from filelock import FileLock
 
 import train_extrema
 
@@ -58,6 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--per_device_train_batch_size", type=int, default=256, help="the recipe's")
     parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument(
+        "--color_on_device", action="store_true", help="colour jitter batched on the GPU (train_extrema's flag)"
+    )
     args = parser.parse_args(argv)
     unknown = set(args.variants or []) - set(STUDIES[args.study])
     if unknown:
@@ -68,7 +75,8 @@ def parse_args(argv=None):
 def run_variant(folder: Path, changes: dict, train_dir=None, **budget) -> dict:
     """One pre-training of the recipe with `changes`; returns its kNN curve (epochs, top-1), wall time and export.
 
-    `budget`: num_train_epochs, warmup_epochs, knn_train_samples, knn_val_samples, seed, num_workers.
+    `budget`: num_train_epochs, warmup_epochs, knn_train_samples, knn_val_samples, seed, num_workers,
+    per_device_train_batch_size, color_on_device.
     """
     start = time.perf_counter()
     result = train_extrema.train(
@@ -93,20 +101,41 @@ def run_variant(folder: Path, changes: dict, train_dir=None, **budget) -> dict:
     }
 
 
+def read_results(output_dir: Path) -> dict:
+    path = output_dir / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {"variants": {}}
+
+
+def record_variant(output_dir: Path, study: str, name: str, run: dict, budget: dict) -> dict:
+    """Adds one finished variant to <output_dir>/results.json and returns the whole file.
+
+    Under a file lock, re-reading the file and replacing it atomically: processes that run other variants of the same
+    study at the same time (`--variants`, one process per GPU, say) each add theirs and lose nobody else's.
+    """
+    with FileLock(output_dir / "results.json.lock"):
+        results = read_results(output_dir)
+        results.update(study=study, recipe="tiny-cifar10", **budget)
+        results["variants"][name] = run
+        order = list(STUDIES[study])  # the table's and the plot's order, whichever variant finished first
+        results["variants"] = dict(sorted(results["variants"].items(), key=lambda item: order.index(item[0])))
+        temporary = output_dir / "results.json.tmp"
+        temporary.write_text(json.dumps(results, indent=2))
+        os.replace(temporary, output_dir / "results.json")
+    return results
+
+
 def run_study(study: str, output_dir, variants=None, train_dir=None, **budget) -> dict:
     """Run the variants of `study` not yet in <output_dir>/results.json; returns all of its results."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results_path = output_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"variants": {}}
-    results.update(study=study, recipe="tiny-cifar10", **budget)
+    results = read_results(output_dir)
     for name, changes in STUDIES[study].items():
         if (variants and name not in variants) or name in results["variants"]:
             continue
         folder = output_dir / name.replace(" ", "_").replace("/", "-")
-        results["variants"][name] = run_variant(folder, changes, train_dir, **budget)
-        results_path.write_text(json.dumps(results, indent=2))  # after every variant: a stopped study continues
-    return results
+        run = run_variant(folder, changes, train_dir, **budget)
+        results = record_variant(output_dir, study, name, run, budget)  # after every variant: a stopped study continues
+    return read_results(output_dir)
 
 
 def markdown_table(results: dict) -> str:
@@ -147,7 +176,7 @@ def main(argv=None):
     budget = {
         name: getattr(args, name)
         for name in ("num_train_epochs", "warmup_epochs", "knn_train_samples", "knn_val_samples", "seed", "num_workers",
-                     "per_device_train_batch_size")
+                     "per_device_train_batch_size", "color_on_device")
     }  # fmt: skip
     results = run_study(args.study, args.output_dir, args.variants, args.train_dir, **budget)
     table = markdown_table(results)

@@ -42,3 +42,20 @@ def test_a_study_runs_each_variant_once_and_continues_where_it_stopped(tmp_path,
 def test_unknown_variants_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         ablate.parse_args(["--study", "fixes", "--output_dir", str(tmp_path), "--variants", "nope"])
+
+
+def test_processes_sharing_a_study_folder_keep_each_others_variants(tmp_path, monkeypatch):
+    """Another process records "0.9 x 1" while this one trains "0.5 x 1": results.json ends with both, in study order."""
+    other = {"changes": {}, "epochs": [0, 1], "knn_top1": [30.0, 31.0], "wall_s": 1, "steps": 2, "steps_per_epoch": 2,
+             "final_dir": "g", "mixed_precision": "no"}  # fmt: skip
+
+    def fake_train(**flags):
+        ablate.record_variant(tmp_path, "masking", "0.9 x 1", other, {"seed": 1})  # finishes meanwhile
+        return {"steps_per_epoch": 2, "step": 2, "final_dir": "f", "mixed_precision": "no",
+                "knn_history": [{"step": 0, "top1": 30.0}, {"step": 2, "top1": 33.0}]}  # fmt: skip
+
+    monkeypatch.setattr(ablate.train_extrema, "train", fake_train)
+    results = ablate.run_study("masking", tmp_path, ["0.5 x 1"], "cifar", seed=1)
+    assert list(results["variants"]) == ["0.5 x 1", "0.9 x 1"]
+    assert results["variants"]["0.9 x 1"] == other and results["variants"]["0.5 x 1"]["knn_top1"] == [30.0, 33.0]
+    assert json.loads((tmp_path / "results.json").read_text()) == results

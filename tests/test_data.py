@@ -313,12 +313,13 @@ def test_labelled_loader_reads_a_fixed_labelled_subset(tmp_path):
     args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", "0"])
     transform = de.build_eval_transform(16)
     batches = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=3, builder=builder))
-    assert [len(batch["label"]) for batch in batches] == [3, 3, 2]  # the first 8 decodable images, in order
-    assert torch.cat([batch["label"] for batch in batches]).tolist() == [i % 4 for i in (0, 1, 2, 4, 5, 6, 7, 8)]
+    # the first 4 decodable images of each of the 2 shards (images 0-5 and 6-11; image 3 is broken), shard by shard
+    assert [len(batch["label"]) for batch in batches] == [3, 1, 3, 1]
+    assert torch.cat([batch["label"] for batch in batches]).tolist() == [i % 4 for i in (0, 1, 2, 4, 6, 7, 8, 9)]
     assert batches[0]["pixel_values"].shape == (3, 3, 16, 16)
     rng = torch.get_rng_state()
     again = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=8))  # opened from the flags
-    assert torch.equal(again[0]["pixel_values"], torch.cat([batch["pixel_values"] for batch in batches]))
+    assert torch.equal(torch.cat([b["pixel_values"] for b in again]), torch.cat([b["pixel_values"] for b in batches]))
     assert torch.equal(torch.get_rng_state(), rng)  # the training's RNG is left as it was
 
     unlabelled = tmp_path / "unlabelled"
@@ -330,3 +331,20 @@ def test_labelled_loader_reads_a_fixed_labelled_subset(tmp_path):
     assert de.default_validation_split(builder) is None
     with pytest.raises(de.UsageError, match="no labels"):
         de.labelled_loader(args, "train", transform, builder=builder)
+
+
+def test_an_evaluation_subset_does_not_depend_on_the_number_of_workers(tmp_path):
+    """A kNN gallery must not change with --num_workers: 8 images of 3 shards (3 + 3 + 2), whoever reads them."""
+    write_image_parquet(tmp_path / "data", num_images=15, num_shards=3)
+    transform = de.build_eval_transform(16)
+
+    def subset(num_workers):
+        args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", str(num_workers)])
+        batches = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=2))
+        images = torch.cat([batch["pixel_values"] for batch in batches]).flatten(1)
+        labels = torch.cat([batch["label"] for batch in batches])
+        return sorted(zip(images.sum(1).tolist(), labels.tolist()))
+
+    reference = subset(0)
+    assert len(reference) == 8
+    assert subset(2) == reference and subset(3) == reference
