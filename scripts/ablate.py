@@ -19,6 +19,7 @@ run at the same time (one per GPU, say): each adds its variants to results.json 
 import argparse
 import json
 import os
+import textwrap
 import time
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def plot_curves(curves: dict, path: Path, title: str, levels: dict | None = None
         ax.annotate(name, (0, level), textcoords="offset points", xytext=(2, 3), fontsize=7)
     ax.set_xlabel("epoch of CIFAR-10")
     ax.set_ylabel("kNN top-1 (%), k=20")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
