@@ -61,7 +61,7 @@ import torch  # noqa: E402
 from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 from configuration_extrema import PRESETS, ExtremaConfig  # noqa: E402
-from data_extrema import build_train_transform, decode_image, device_views, view_fields  # noqa: E402
+from data_extrema import TrainingStream, build_train_transform, decode_image, device_views, view_fields  # noqa: E402
 from modeling_extrema import ExtremaForPreTraining  # noqa: E402
 from train_extrema import param_groups  # noqa: E402
 
@@ -390,6 +390,18 @@ def benchmark_model(args):
 
 
 # ---------------------------------------------------------------------------------------------------- data pipeline
+class RawRows:
+    """Undecoded rows, as `TrainingStream` reads them from a `datasets` stream (one pass, epoch 0)."""
+
+    epoch = 0
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
 def benchmark_data(args):
     """The training pipeline's own decoding and augmentation (`data_extrema`), timed stage by stage."""
     import pyarrow.parquet as pq
@@ -429,6 +441,19 @@ def benchmark_data(args):
             stage(data)
         rates[label] = len(jpegs) / (time.perf_counter() - start)
         print(f"one worker, {label}: {rates[label]:.0f} images/s")
+    # what a training worker really runs per image: the above, with the image's own seed and its mask noise
+    config = ExtremaConfig.from_preset(args.model, image_size=args.image_size, mask_ratio=args.mask_ratio,
+                                       num_masks=args.num_masks)  # fmt: skip
+    rows = [{"image": {"bytes": data, "path": None}} for data in jpegs]
+    pipeline = on_device if args.color_on_device else transform  # the DataLoader workers' transform
+    stream = iter(TrainingStream(RawRows(rows), pipeline, seed=0, noise_shape=config.mask_noise_shape))
+    start = time.perf_counter()
+    for _ in rows:
+        next(stream)
+    label = f"TrainingStream ({'crop/flip + colour parameters' if args.color_on_device else 'both views'}, "
+    label += "per-image seed, mask noise)"
+    rates[label] = len(jpegs) / (time.perf_counter() - start)
+    print(f"one worker, {label}: {rates[label]:.0f} images/s")
 
     if has_color:
         torch.set_num_threads(threads)  # the training process's threads, not a worker's
@@ -437,7 +462,6 @@ def benchmark_data(args):
         print(f"device_views (copy, colour, normalise) on {describe_device(device)}, {size}: {rate:.0f} images/s")
         torch.set_num_threads(1)
 
-    pipeline = on_device if args.color_on_device else transform
     colour = ("colour on the device" if args.color_on_device else "colour in the workers") if has_color else "no colour"
     for workers in args.workers:
         # every worker makes 8 timed batches (the images repeat if needed) after its first, which includes start-up
