@@ -683,18 +683,23 @@ COLLAPSE_STD = 0.3
 
 
 def warn_on_collapse(logs: dict, step: int, warned: bool) -> bool:
-    """Warn once when the teacher's targets crowd into one direction; returns whether a warning was given."""
-    cosine, std = logs.get("collapse/target_mean_cosine"), logs.get("collapse/target_std")
-    if warned or cosine is None or (cosine < COLLAPSE_MEAN_COSINE and std > COLLAPSE_STD):
-        return warned
-    logger.warning(
-        "step %d: the teacher's projections are collapsing (mean pairwise cosine %.2f, normalised std %.2f; spread "
-        "targets give ~0 and ~1). BYOL then regresses a near-constant target and the features stop separating "
-        "images. Try --target_centering batch, --head_norm batchnorm, a lower --ema_momentum or --loss infonce "
-        "(README, 'BYOL at small scale').",
-        step, cosine, std,
-    )  # fmt: skip
-    return True
+    """Warn once when the teacher's targets or the student's predictions crowd into one direction; returns whether a
+    warning was given. Both are read: centred targets (--target_centering) are spread by construction, and then the
+    predictions are what shows a collapse."""
+    if warned:
+        return True
+    for branch, vectors in (("target", "the teacher's projections (the targets)"), ("prediction", "the predictions")):
+        cosine, std = logs.get(f"collapse/{branch}_mean_cosine"), logs.get(f"collapse/{branch}_std")
+        if cosine is not None and (cosine >= COLLAPSE_MEAN_COSINE or std <= COLLAPSE_STD):
+            logger.warning(
+                "step %d: %s are collapsing (mean pairwise cosine %.2f, normalised std %.2f; spread vectors give ~0 "
+                "and ~1). BYOL then regresses a near-constant target and the features stop separating images. Try "
+                "--target_centering batch, --head_norm batchnorm, a lower --ema_momentum or --loss infonce (README, "
+                "'BYOL at small scale').",
+                step, vectors, cosine, std,
+            )  # fmt: skip
+            return True
+    return False
 
 
 class ProgressLog:

@@ -153,10 +153,15 @@ def test_predictor_lr_multiplier_scales_only_the_predictor():
 
 def test_collapse_warning_says_what_to_try(caplog):
     spread = {"collapse/target_mean_cosine": 0.1, "collapse/target_std": 0.9}
+    spread |= {"collapse/prediction_mean_cosine": 0.1, "collapse/prediction_std": 0.9}
     assert te.warn_on_collapse(spread, 10, warned=False) is False and not caplog.records
-    collapsed = {"collapse/target_mean_cosine": 0.95, "collapse/target_std": 0.2}
+    # centred targets stay spread by construction: the predictions show the collapse
+    centred = spread | {"collapse/prediction_mean_cosine": 0.9, "collapse/prediction_std": 0.25}
+    assert te.warn_on_collapse(centred, 15, warned=False) is True and "the predictions are collapsing" in caplog.text
+    caplog.clear()
+    collapsed = spread | {"collapse/target_mean_cosine": 0.95, "collapse/target_std": 0.2}
     assert te.warn_on_collapse(collapsed, 20, warned=False) is True
-    assert "collapsing" in caplog.text and "--target_centering" in caplog.text
+    assert "the targets) are collapsing" in caplog.text and "--target_centering" in caplog.text
     caplog.clear()
     assert te.warn_on_collapse(collapsed, 30, warned=True) is True and not caplog.records  # once per run
 
