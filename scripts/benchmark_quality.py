@@ -186,6 +186,7 @@ def markdown_table(rows, ks, batch_size: int) -> str:
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the ExtreMA runs trained, too
     validation_split = resolve_validation_split(args)
     study = pretrain_extrema(args)
@@ -234,8 +235,8 @@ def main(argv=None):
     ablate.plot_curves(curves, output_dir / "curves.png", title, levels)
     results = {
         "data": args.dataset_name or args.train_dir,
-        "gallery": f"first {len(gallery.dataset)} images of {args.train_split}",
-        "queries": f"first {len(queries.dataset)} images of {validation_split}",
+        "gallery": f"{len(gallery.dataset)} images of {args.train_split}, the first of every shard",
+        "queries": f"{len(queries.dataset)} images of {validation_split}, the first of every shard",
         "budget": {"epochs": args.num_train_epochs, "batch_size": args.per_device_train_batch_size, "seed": args.seed},
         "vitmae": {
             "mask_ratio": 0.75,

@@ -353,9 +353,13 @@ def test_quality_benchmark_reports_every_method(colors_dir, tmp_path):
     study = json.loads((tmp_path / "extrema" / "results.json").read_text())
     assert set(study["variants"]) == set(benchmark_quality.EXTREMA_METHODS.values())
     assert (tmp_path / "curves.png").exists() and "| raw pixels | - | - |" in (tmp_path / "table.md").read_text()
-    # a second run reuses the pre-trainings (none is trained again) and scores them the same way
-    again = benchmark_quality.main(args[:-4] + ["--max_train_samples", "48", "--max_eval_samples", "24"])
+    # a second run, into a new folder, reuses the pre-trainings (none is trained again) and scores them the same way
+    again_dir = tmp_path / "again" / "quality"
+    reuse = ["--extrema_study_dir", str(tmp_path / "extrema"), "--output_dir", str(again_dir)]
+    again = benchmark_quality.main(args + reuse)
     assert [r["train_wall_s"] for r in again["rows"][:3]] == [r["train_wall_s"] for r in results["rows"][:3]]
+    assert [r["knn_top1_k5"] for r in again["rows"][:3]] == [r["knn_top1_k5"] for r in results["rows"][:3]]
+    assert (again_dir / "table.md").exists() and (again_dir / "curves.png").exists()
 
     # raw pixels, recomputed here from the images
     def pixels(split):
