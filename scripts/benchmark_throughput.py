@@ -38,7 +38,9 @@ layout of `datasets` image datasets, e.g. ../shared/data/imagenet-sample) and ap
 parameters. Then the cost of that colour augmentation on the benchmark's device, `data_extrema.device_views` on a
 batch of `--color_batch_size` uint8 crops in pinned memory (copy to the device, both views' colour, normalisation),
 and images/s through a `torch.utils.data.DataLoader` with each `--workers` count, each batch made ready for the model
-on the device by `device_views` (`--color_on_device`: the workers only crop, the device colours).
+on the device by `device_views` (`--color_on_device`: the workers only crop, the device colours): over the JPEGs in
+memory, and through the training loop's own loader (`data_extrema.training_batches`: the Parquet stream, per-image
+seeds, mask noise; at most one worker per shard).
 """
 
 import argparse
@@ -61,7 +63,18 @@ import torch  # noqa: E402
 from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 from configuration_extrema import PRESETS, ExtremaConfig  # noqa: E402
-from data_extrema import TrainingStream, build_train_transform, decode_image, device_views, view_fields  # noqa: E402
+from data_extrema import (  # noqa: E402
+    StreamPosition,
+    TrainingStream,
+    build_train_transform,
+    decode_image,
+    device_views,
+    load_raw_stream,
+    open_dataset,
+    rank_dataset,
+    training_batches,
+    view_fields,
+)
 from modeling_extrema import ExtremaForPreTraining  # noqa: E402
 from train_extrema import param_groups  # noqa: E402
 
@@ -480,10 +493,36 @@ def benchmark_data(args):
         rate = count / (time.perf_counter() - start)
         per_worker = rate / max(workers, 1)
         print(f"DataLoader, {workers} worker(s), batch 32, {colour}: {rate:.0f} images/s ({per_worker:.0f} per worker)")
+        rate, workers = training_loader_rate(data_dir, pipeline, config.mask_noise_shape, workers, device)
+        per_worker = rate / max(workers, 1)
+        print(f"training_batches (the training loop's loader: Parquet stream, TrainingStream), {workers} worker(s), "
+              f"batch 32, {colour}: {rate:.0f} images/s ({per_worker:.0f} per worker)")  # fmt: skip
     print(f"load average after: {load_average()}")
     for label, rate in list(rates.items())[1:]:
         cores = math.ceil(20000 / rate)
         print(f"8 GPUs at ~20,000 images/s with '{label}' on the CPU: ~{cores} worker cores ({cores / 8:.0f} per GPU)")
+
+
+def training_loader_rate(data_dir: Path, transform, noise_shape, workers: int, device) -> tuple[float, int]:
+    """Images/s of the training loop's own loader (`data_extrema.training_batches` on the Parquet shards of
+    `data_dir`, as `train_extrema.main` builds it), each batch made ready by `device_views`: 8 timed batches per
+    worker after each worker's first. Returns the rate and the workers used (at most one per shard)."""
+    raw = load_raw_stream(open_dataset(train_dir=data_dir))
+    dataset = rank_dataset(raw, rank=0, world_size=1, seed=0, buffer_size=0)
+    workers = min(workers, dataset.num_shards)
+    flags = argparse.Namespace(num_workers=workers, per_device_train_batch_size=32, seed=0)
+    batches = training_batches(dataset, transform, flags, noise_shape, StreamPosition(), device)
+    for _ in range(max(workers, 1)):
+        next(batches)
+    start, count = time.perf_counter(), 0
+    for _ in range(8 * max(workers, 1)):
+        batch = next(batches)
+        device_views(batch, device)
+        count += len(batch["noise"])
+    synchronize(device)
+    rate = count / (time.perf_counter() - start)
+    del batches  # stops the workers
+    return rate, workers
 
 
 def color_on_device_rate(on_device, jpegs: list[bytes], args, device) -> float:
