@@ -10,8 +10,10 @@
 # Every step has its own time limit, so that one hang cannot eat the session; the exit status is 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project's modules, installed or not (a bare GPU machine)
 MODEL=${MODEL:-vit-base-patch16}
 BATCH=${BATCH:-256}  # per GPU: the paper's 2048 over 8 V100s
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # some GPU images have only python3
 status=0
 
 run() {  # run LIMIT_SECONDS command...: print it, time-limit it, remember a failure
@@ -27,7 +29,7 @@ run() {  # run LIMIT_SECONDS command...: print it, time-limit it, remember a fai
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
-python - <<'PY'
+"$PYTHON" - <<'PY'
 import importlib.util, torch, transformers
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
       f"{torch.cuda.get_device_name()}, bf16 {torch.cuda.is_bf16_supported()}, "
@@ -36,9 +38,9 @@ PY
 
 # GPU tests: every test whose name says cuda or gpu (they skip themselves without a GPU). Modules that cannot be
 # imported here are reported and skipped instead of stopping the run.
-run 90 python -m pytest tests -q -rs -k "cuda or gpu" --continue-on-collection-errors -p no:cacheprovider
+run 90 "$PYTHON" -m pytest tests -q -rs -k "cuda or gpu" --continue-on-collection-errors -p no:cacheprovider
 
-BENCH=(python scripts/benchmark_throughput.py --model "$MODEL" --batch_size "$BATCH" --precision bfloat16)
+BENCH=("$PYTHON" scripts/benchmark_throughput.py --model "$MODEL" --batch_size "$BATCH" --precision bfloat16)
 run 120 "${BENCH[@]}" --num_masks 5 --peer_precision bfloat16 --warmup 5 --rounds 8 --steps_per_round 3
 run 90 "${BENCH[@]}" --num_masks 1 --peer_precision bfloat16 --warmup 5 --rounds 8 --steps_per_round 3
 # torch.compile last: the slowest step, and the numbers above do not depend on it
@@ -49,7 +51,7 @@ run 150 "${BENCH[@]}" --num_masks 5 --peer_precision none --compile --warmup 3 -
 # DataLoader throughput with the colour on the GPU (--color_on_device)
 DATA=${EXTREMA_IMAGENET_SAMPLE_DIR:-../shared/data/imagenet-sample}
 if [ -d "$DATA" ]; then
-  run 90 python scripts/benchmark_throughput.py --mode data --data_dir "$DATA" --num_images 500 --workers 1 4 8 12 \
+  run 90 "$PYTHON" scripts/benchmark_throughput.py --mode data --data_dir "$DATA" --num_images 500 --workers 1 4 8 12 \
     --color_on_device
 else
   echo; echo "=== data pipeline skipped: no $DATA (set EXTREMA_IMAGENET_SAMPLE_DIR)"

@@ -16,13 +16,14 @@
 # epoch) is in $OUT/logs; the script ends by printing every run's kNN curve.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project's modules, installed or not (a bare GPU machine)
 DATA=${DATA:?set DATA to CIFAR-10 as Parquet shards}
 EPOCHS=${EPOCHS:-8}
 WARMUP=${WARMUP:-1}
 OUT=${OUT:-bench/gpu}
 TIME_LIMIT=${TIME_LIMIT:-1200}
 SEED=${SEED:-1}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # some GPU images have only python3
 export TQDM_DISABLE=1  # logs without progress bars
 mkdir -p "$OUT/logs"
 budget=(--train_dir "$DATA" --num_train_epochs "$EPOCHS" --warmup_epochs "$WARMUP" --seed "$SEED")
