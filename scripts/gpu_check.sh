@@ -4,7 +4,7 @@
 # against ViTMAEForPreTraining, with MFU; then the data pipeline if the JPEGs are there, with the
 # colour augmentation on the GPU as `train_extrema.py --color_on_device` (the ImageNet recipes) does it.
 #
-#   bash scripts/gpu_check.sh            # from anywhere, with the project installed (pip install -e .)
+#   bash scripts/gpu_check.sh            # from anywhere, with the project's dependencies installed
 #   MODEL=tiny BATCH=8 bash scripts/gpu_check.sh   # a quick dry run of the script itself, e.g. on a CPU
 #
 # Every step has its own time limit, so that one hang cannot eat the session; the exit status is 1 if any step failed.
