@@ -709,10 +709,9 @@ class ShardQuotaSubset(torch.utils.data.IterableDataset):
             images = shard.map(_decode_row).filter(_is_decoded).take(quota)
             # .iter reads this one shard here; iterating the dataset itself in a worker would split it among workers
             for rows in images.iter(batch_size=self.batch_size):
-                yield {
-                    "pixel_values": torch.stack([self.transform(image) for image in rows["image"]]),
-                    "label": torch.tensor(rows.get("label") or [-1] * len(rows["image"])),
-                }
+                labels = rows.get("label") or [-1] * len(rows["image"])
+                yield collate_eval([{"pixel_values": self.transform(image), "label": label}
+                                    for image, label in zip(rows["image"], labels)])  # fmt: skip
 
 
 def labelled_loader(args, split, transform, max_samples=None, shuffle=False, batch_size=None, builder=None):

@@ -9,11 +9,11 @@
   near 0.8, worse beyond 0.9) and 1 / 2 / 4 masks at 0.75 (Table 2 and Figure 4: more masks learn faster).
 
 Every variant changes only the flags listed in `STUDIES`, keeps the seed, and logs the teacher's weighted kNN top-1
-(k=20, T=0.07; gallery: --knn_train_samples training images, queries: --knn_val_samples test images, the first of
-every shard: `data_extrema.ShardQuotaSubset`) at initialisation and after every epoch. Writes `results.json` (the
-curves), `table.md` and `curves.png` to --output_dir. A variant already in results.json is not run again, so an interrupted study continues where it
-stopped (delete results.json to start over). Processes given different --variants can share one --output_dir and
-run at the same time (one per GPU, say): each adds its variants to results.json under a file lock.
+(k=20, T=0.07; gallery: --knn_train_samples training images, queries: --knn_val_samples test images, the first of every
+shard: `data_extrema.ShardQuotaSubset`) at initialisation and after every epoch. Writes `results.json` (the curves),
+`table.md` and `curves.png` to --output_dir. A variant already in results.json is not run again, so an interrupted study
+continues where it stopped (delete results.json to start over). Processes given different --variants can share one
+--output_dir and run at the same time (one per GPU, say): each adds its variants to results.json under a file lock.
 """
 
 import argparse

@@ -11,11 +11,11 @@ Every pre-training gets the same number of epochs of the same batch (256) and se
   flip); features: the encoder's patch tokens with masking off, mean-pooled (MAE has no trained instance token);
 - the untrained ExtreMA network (class token) and raw pixels (the normalised image as one vector).
 Scores, on the same images: weighted kNN top-1 (eval_extrema.weighted_knn, k=20 and 200, T=0.07; gallery:
---max_train_samples training images, queries: --max_eval_samples test images, the first of every shard) and a linear probe on the
-frozen features (eval_extrema.linear_probe_on_features: trained on the gallery, scored on the queries). Writes
-results.json (with each method's kNN curve, k=20, after every epoch), table.md and curves.png (the paper's Figure 4
-at small scale) to --output_dir. Finished pre-trainings are reused when the command runs again; pass the output_dir
-of an `ablate.py --study fixes` run as --extrema_study_dir to reuse its ExtreMA runs.
+--max_train_samples training images, queries: --max_eval_samples test images, the first of every shard) and a linear
+probe on the frozen features (eval_extrema.linear_probe_on_features: trained on the gallery, scored on the queries).
+Writes results.json (with each method's kNN curve, k=20, after every epoch), table.md and curves.png (the paper's Figure
+4 at small scale) to --output_dir. Finished pre-trainings are reused when the command runs again; pass the output_dir of
+an `ablate.py --study fixes` run as --extrema_study_dir to reuse its ExtreMA runs.
 """
 
 import argparse
@@ -51,8 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_train_epochs", type=float, default=3.0, help="epochs of EACH pre-training")
     parser.add_argument("--warmup_epochs", type=float, default=0.5)
     parser.add_argument("--per_device_train_batch_size", type=int, default=256, help="the recipe's; for every method")
-    parser.add_argument("--max_train_samples", type=int, default=10_000, help="gallery: N training images (the first of every shard)")
-    parser.add_argument("--max_eval_samples", type=int, default=2_000, help="queries: N validation images (the first of every shard)")
+    parser.add_argument("--max_train_samples", type=int, default=10_000, help="gallery size (the first of each shard)")
+    parser.add_argument("--max_eval_samples", type=int, default=2_000, help="queries (the first of each shard)")
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--extrema_study_dir", help="reuse the ExtreMA runs of `ablate.py --study fixes` there")

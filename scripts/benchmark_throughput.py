@@ -403,18 +403,6 @@ def benchmark_model(args):
 
 
 # ---------------------------------------------------------------------------------------------------- data pipeline
-class RawRows:
-    """Undecoded rows, as `TrainingStream` reads them from a `datasets` stream (one pass, epoch 0)."""
-
-    epoch = 0
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __iter__(self):
-        return iter(self.rows)
-
-
 def benchmark_data(args):
     """The training pipeline's own decoding and augmentation (`data_extrema`), timed stage by stage."""
     import pyarrow.parquet as pq
@@ -457,11 +445,13 @@ def benchmark_data(args):
     # what a training worker really runs per image: the above, with the image's own seed and its mask noise
     config = ExtremaConfig.from_preset(args.model, image_size=args.image_size, mask_ratio=args.mask_ratio,
                                        num_masks=args.num_masks)  # fmt: skip
-    rows = [{"image": {"bytes": data, "path": None}} for data in jpegs]
+    # the training loop's stream of this rank: the Parquet shards, read as train_extrema.main reads them
+    raw = load_raw_stream(open_dataset(train_dir=data_dir))
+    rank_stream = rank_dataset(raw, rank=0, world_size=1, seed=0, buffer_size=0)
     pipeline = on_device if args.color_on_device else transform  # the DataLoader workers' transform
-    stream = iter(TrainingStream(RawRows(rows), pipeline, seed=0, noise_shape=config.mask_noise_shape))
+    stream = iter(TrainingStream(rank_stream, pipeline, seed=0, noise_shape=config.mask_noise_shape))
     start = time.perf_counter()
-    for _ in rows:
+    for _ in jpegs:
         next(stream)
     label = f"TrainingStream ({'crop/flip + colour parameters' if args.color_on_device else 'both views'}, "
     label += "per-image seed, mask noise)"
@@ -493,7 +483,7 @@ def benchmark_data(args):
         rate = count / (time.perf_counter() - start)
         per_worker = rate / max(workers, 1)
         print(f"DataLoader, {workers} worker(s), batch 32, {colour}: {rate:.0f} images/s ({per_worker:.0f} per worker)")
-        rate, workers = training_loader_rate(data_dir, pipeline, config.mask_noise_shape, workers, device)
+        rate, workers = training_loader_rate(rank_stream, pipeline, config.mask_noise_shape, workers, device)
         per_worker = rate / max(workers, 1)
         print(f"training_batches (the training loop's loader: Parquet stream, TrainingStream), {workers} worker(s), "
               f"batch 32, {colour}: {rate:.0f} images/s ({per_worker:.0f} per worker)")  # fmt: skip
@@ -503,12 +493,10 @@ def benchmark_data(args):
         print(f"8 GPUs at ~20,000 images/s with '{label}' on the CPU: ~{cores} worker cores ({cores / 8:.0f} per GPU)")
 
 
-def training_loader_rate(data_dir: Path, transform, noise_shape, workers: int, device) -> tuple[float, int]:
-    """Images/s of the training loop's own loader (`data_extrema.training_batches` on the Parquet shards of
-    `data_dir`, as `train_extrema.main` builds it), each batch made ready by `device_views`: 8 timed batches per
-    worker after each worker's first. Returns the rate and the workers used (at most one per shard)."""
-    raw = load_raw_stream(open_dataset(train_dir=data_dir))
-    dataset = rank_dataset(raw, rank=0, world_size=1, seed=0, buffer_size=0)
+def training_loader_rate(dataset, transform, noise_shape, workers: int, device) -> tuple[float, int]:
+    """Images/s of the training loop's own loader (`data_extrema.training_batches` over `dataset`, a rank's raw
+    stream), each batch made ready by `device_views`: 8 timed batches per worker after each worker's first. Returns the
+    rate and the workers used (at most one per shard)."""
     workers = min(workers, dataset.num_shards)
     flags = argparse.Namespace(num_workers=workers, per_device_train_batch_size=32, seed=0)
     batches = training_batches(dataset, transform, flags, noise_shape, StreamPosition(), device)
