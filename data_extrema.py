@@ -24,6 +24,8 @@ of the data whether it resumes, uses N workers or N processes.
 
 import argparse
 import gzip
+import hashlib
+import heapq
 import io
 import itertools
 import logging
@@ -714,15 +716,61 @@ class ShardQuotaSubset(torch.utils.data.IterableDataset):
                                     for image, label in zip(rows["image"], labels)])  # fmt: skip
 
 
-def labelled_loader(args, split, transform, max_samples=None, shuffle=False, batch_size=None, builder=None):
+def subset_key(seed: int, image) -> int:
+    """A pseudo-random 64-bit number of an image (undecoded cell or bytes) and a seed, from the image's content."""
+    if isinstance(image, dict):  # an undecoded `datasets.Image` cell: its bytes, or its path for image folders
+        image = image.get("bytes") or image.get("path") or b""
+    data = image.encode() if isinstance(image, str) else bytes(image)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=seed.to_bytes(8, "little")).digest(), "little")
+
+
+def label_fraction_keys(args, split: str, fraction: float, builder=None) -> set[int]:
+    """The `subset_key`s (seed: `args.seed`) of a class-balanced `fraction` of a labelled split (the paper's 1% / 10%
+    semi-supervised settings).
+
+    One pass over the split's labels and undecoded images: every class keeps round(fraction x its size) images (at
+    least one), those of smallest key. Membership is a function of an image's content and the seed alone, so the
+    subset is the same for any number of DataLoader workers or processes and any shard order.
+    """
+    if not 0 < fraction <= 1:
+        raise UsageError(f"--label_fraction must be in (0, 1], e.g. 0.01 or 0.1; got {fraction}.")
+    if builder is None:
+        builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    stream = load_raw_stream(builder, split, args.image_column, args.label_column)
+    if "label" not in (stream.column_names or ["label"]):
+        raise UsageError(f"--label_fraction needs labels; the split {split!r} has none (name them with --label_column).")
+    keys_by_class = {}
+    for rows in stream.iter(batch_size=1000):
+        for image, label in zip(rows["image"], rows["label"]):
+            keys_by_class.setdefault(label, []).append(subset_key(args.seed, image))
+    return {
+        key
+        for keys in keys_by_class.values()
+        for key in heapq.nsmallest(max(1, round(fraction * len(keys))), keys)
+    }
+
+
+class _InSubset:
+    """A filter of raw rows: whether the row's image is one of `keys` (a picklable callable, for DataLoader workers)."""
+
+    def __init__(self, seed: int, keys: set[int]):
+        self.seed, self.keys = seed, keys
+
+    def __call__(self, row) -> bool:
+        return subset_key(self.seed, row["image"]) in self.keys
+
+
+def labelled_loader(
+    args, split, transform, max_samples=None, shuffle=False, batch_size=None, builder=None, subset_keys=None
+):
     """Batches {"pixel_values" (B, 3, S, S), "label" (B,)} of a split's decodable images, or of a fixed subset.
 
     `args` holds the data flags (`add_data_args`) and `seed`; `batch_size` defaults to `args.batch_size`, `builder`
     (an `open_dataset` result) to the dataset the flags name. With `max_samples`, the subset is the first images of
     every shard (`ShardQuotaSubset`; the same for any number of DataLoader workers) when not shuffled, and the first
     images of the stream when shuffled (then it depends on the number of workers). With `shuffle` the images are
-    reshuffled every epoch (call `set_epoch(epoch)` on the loader). Making or reading the loader never draws from the
-    global RNG.
+    reshuffled every epoch (call `set_epoch(epoch)` on the loader). `subset_keys` (`label_fraction_keys`) keeps only
+    the images of a --label_fraction subset. Making or reading the loader never draws from the global RNG.
     """
     if builder is None:
         builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
@@ -732,6 +780,8 @@ def labelled_loader(args, split, transform, max_samples=None, shuffle=False, bat
             f"The split {split!r} has no labels (columns: {stream.column_names}), and this evaluation needs them. "
             "Name the label column with --label_column, or use a labelled dataset."
         )
+    if subset_keys is not None:
+        stream = stream.filter(_InSubset(args.seed, subset_keys))
     batch_size = batch_size or args.batch_size
     num_workers = min(args.num_workers, stream.num_shards)
     if max_samples is not None and not shuffle:

@@ -33,7 +33,7 @@ from _eval_common import (
 )
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from data_extrema import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, labelled_loader
+from data_extrema import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, label_fraction_keys, labelled_loader
 
 
 def parse_args(argv=None):
@@ -52,6 +52,12 @@ def parse_args(argv=None):
     parser.add_argument("--randaugment", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--max_grad_norm", type=float, help="clip gradients to this norm (default: no clipping)")
     parser.add_argument("--num_labels", type=int, help="number of classes (default: read from the dataset)")
+    parser.add_argument(
+        "--label_fraction",
+        type=float,
+        help="train on a class-balanced fraction of the training split, chosen by --seed (0.01, 0.1: the paper's "
+        "semi-supervised settings)",
+    )
     return parser.parse_args(argv)
 
 
@@ -108,10 +114,14 @@ def main(argv=None):
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
     num_labels = args.num_labels or num_labels
+    subset = label_fraction_keys(args, args.train_split, args.label_fraction) if args.label_fraction else None
+    num_train = len(subset) if subset is not None else num_train
     model = build_classifier(backbone, num_labels, pooling="mean", drop_path_rate=args.drop_path_rate)
 
     train_transform = finetune_transform(image_size, args.randaugment)
-    train_loader = labelled_loader(args, args.train_split, train_transform, args.max_train_samples, shuffle=True)
+    train_loader = labelled_loader(
+        args, args.train_split, train_transform, args.max_train_samples, shuffle=True, subset_keys=subset
+    )
     eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
     # mixup or cutmix (one of the two per batch, as timm does): labels become class probabilities
     mixers = []
@@ -154,6 +164,7 @@ def main(argv=None):
         "representation": "mean of the patch tokens, fine-tuned end to end",
         "eval_split": validation_split,
         "num_train": num_train,
+        "label_fraction": args.label_fraction,
         "num_labels": num_labels,
         "epochs": args.num_train_epochs,
         "steps": step,

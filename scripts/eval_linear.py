@@ -41,7 +41,7 @@ from _eval_common import (
 )
 from transformers import get_cosine_schedule_with_warmup
 
-from data_extrema import build_eval_transform, build_train_transform, labelled_loader
+from data_extrema import build_eval_transform, build_train_transform, label_fraction_keys, labelled_loader
 
 
 class LARS(torch.optim.Optimizer):
@@ -99,6 +99,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmup_epochs", type=float)
     parser.add_argument("--augmentation", choices=("crop", "none"), help="crop: RandomResizedCrop + flip (official)")
     parser.add_argument("--num_labels", type=int, help="number of classes (default: read from the dataset)")
+    parser.add_argument(
+        "--label_fraction",
+        type=float,
+        help="train on a class-balanced fraction of the training split, chosen by --seed (0.01, 0.1: the paper's "
+        "semi-supervised settings)",
+    )
     args = parser.parse_args(argv)
     parser.set_defaults(**PROTOCOLS[args.protocol])
     return parser.parse_args(argv)
@@ -128,6 +134,8 @@ def main(argv=None):
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
     num_labels = args.num_labels or num_labels
+    subset = label_fraction_keys(args, args.train_split, args.label_fraction) if args.label_fraction else None
+    num_train = len(subset) if subset is not None else num_train
 
     model = build_classifier(backbone, num_labels, pooling="cls")
     model.extrema.requires_grad_(False)  # frozen: only the BatchNorm statistics and the linear layer learn
@@ -139,7 +147,9 @@ def main(argv=None):
         if args.augmentation == "crop"
         else build_eval_transform(image_size)
     )
-    train_loader = labelled_loader(args, args.train_split, train_transform, args.max_train_samples, shuffle=True)
+    train_loader = labelled_loader(
+        args, args.train_split, train_transform, args.max_train_samples, shuffle=True, subset_keys=subset
+    )
     eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
 
     total_batch = args.batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
@@ -168,6 +178,7 @@ def main(argv=None):
         "representation": "pooler_output (class token), frozen",
         "eval_split": validation_split,
         "num_train": num_train,
+        "label_fraction": args.label_fraction,
         "num_labels": num_labels,
         "protocol": args.protocol,
         "optimizer": args.optimizer,

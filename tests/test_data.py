@@ -348,3 +348,37 @@ def test_an_evaluation_subset_does_not_depend_on_the_number_of_workers(tmp_path)
     reference = subset(0)
     assert len(reference) == 8
     assert subset(2) == reference and subset(3) == reference
+
+
+def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_processes(tmp_path):
+    """--label_fraction 0.25 of 4 classes x 20 images in 4 shards: 5 images of each class, chosen by the seed alone."""
+    from datasets.distributed import split_dataset_by_node
+
+    write_image_parquet(tmp_path / "data", num_images=80, num_shards=4, num_classes=4)
+    transform = de.build_eval_transform(16)
+
+    def subset(num_workers, seed=0, fraction=0.25):
+        args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", str(num_workers),
+                              "--seed", str(seed)])  # fmt: skip
+        keys = de.label_fraction_keys(args, "train", fraction)
+        batches = list(de.labelled_loader(args, "train", transform, shuffle=True, batch_size=4, subset_keys=keys))
+        images = torch.cat([batch["pixel_values"] for batch in batches]).flatten(1)
+        labels = torch.cat([batch["label"] for batch in batches])
+        return keys, sorted(zip(images.sum(1).tolist(), labels.tolist()))
+
+    keys, reference = subset(0)
+    assert len(keys) == 20 and sorted(label for _, label in reference) == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+    assert subset(2)[1] == reference and subset(3)[1] == reference  # any number of DataLoader workers
+    # any number of processes: each keeps the images of its part of the stream that are in the subset
+    args = te.parse_args(["--train_dir", str(tmp_path / "data")])
+    raw = de.load_raw_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
+    in_subset = de._InSubset(args.seed, keys)
+    for world_size in (2, 3):
+        parts = [split_dataset_by_node(raw, rank, world_size).filter(in_subset) for rank in range(world_size)]
+        assert sorted(de.subset_key(0, row["image"]) for part in parts for row in part) == sorted(keys)
+    # another seed, another subset of the same balance; 1% of 20 images per class is still one of each
+    other = subset(0, seed=1)[1]
+    assert other != reference and sorted(label for _, label in other) == sorted(label for _, label in reference)
+    assert sorted(label for _, label in subset(0, fraction=0.01)[1]) == [0, 1, 2, 3]
+    with pytest.raises(de.UsageError, match="--label_fraction must be in"):
+        de.label_fraction_keys(args, "train", 0)

@@ -178,6 +178,16 @@ def test_linear_probe_learns_separable_classes(model_dir, colors_dir, tmp_path):
     torch.testing.assert_close(probe.extrema.state_dict(), backbone.state_dict())
 
 
+def test_linear_probe_on_a_label_fraction_trains_on_that_subset(model_dir, colors_dir, tmp_path):
+    args = common(model_dir, colors_dir, tmp_path) + [
+        "--label_fraction", "0.25", "--optimizer", "sgd", "--learning_rate", "4", "--batch_size", "4",
+        "--num_train_epochs", "2", "--warmup_epochs", "0", "--augmentation", "none",
+    ]  # fmt: skip
+    results = eval_linear.main(args)
+    # 48 images of 3 classes: 4 of each class, 12 in all, in batches of 4
+    assert (results["num_train"], results["label_fraction"], results["steps"]) == (12, 0.25, 2 * 3)
+
+
 def test_default_probe_learns_in_few_steps_where_small_batch_lars_cannot(model_dir, colors_dir, tmp_path):
     short = ["--batch_size", "16", "--num_train_epochs", "4", "--augmentation", "none"]  # 12 steps
     results = eval_linear.main(common(model_dir, colors_dir, tmp_path / "small") + short)
