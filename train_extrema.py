@@ -60,7 +60,7 @@ from data_extrema import (
     training_batches,
 )
 from eval_extrema import knn_accuracy
-from modeling_extrema import ExtremaForPreTraining, collapse_statistics
+from modeling_extrema import ExtremaForPreTraining, ExtremaModel, collapse_statistics
 
 logger = logging.getLogger("train_extrema")
 
@@ -165,12 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model_config", default="tiny", help=f"a preset ({', '.join(PRESETS)}), a config JSON, or a model folder"
+        "--model_config",
+        help=f"a preset ({', '.join(PRESETS)}), a config JSON, or a model folder (default: --init_from's, else tiny)",
+    )
+    group.add_argument(
+        "--init_from",
+        help="start from the weights of a folder: a backbone (exported by this script, or converted) initialises "
+        "student and teacher; a full pre-training folder (convert_official_checkpoint.py --full) also the heads",
     )
     group.add_argument("--mask_ratio", type=float, help="fraction of patches hidden from the student (config's)")
     group.add_argument("--num_masks", type=int, help="masked views per image (default: the config's)")
     group.add_argument("--loss", choices=("byol", "infonce"), help="training objective (default: the config's, byol)")
-    group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student")
+    group.add_argument(
+        "--drop_path_rate", type=float, help="stochastic depth of the student (default: the config's)"
+    )
+    group.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute the student's activations in the backward pass: less memory, about a third more compute",
+    )
     group.add_argument(
         "--head_norm", choices=("layernorm", "batchnorm"), help="norm in the projector/predictor (config's: layernorm)"
     )
@@ -216,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed_precision",
         choices=("auto", "no", "bf16", "fp16"),
         default="auto",
-        help="auto: bf16 where the hardware has it (GPUs, CPUs with AVX512-BF16 or AMX), else float32"
+        help="auto: bf16 where the hardware computes in it (Ampere or newer GPUs, CPUs with AVX512-BF16 or AMX); "
+        "fp16 with loss scaling on older GPUs (V100, T4); else float32",
     )
     group.add_argument("--seed", type=int, default=0)
 
@@ -406,27 +420,30 @@ def plan_schedule(args, num_examples: int | None, world_size: int) -> Schedule:
 # Model and optimiser. The schedules are pure functions of the optimizer step: a checkpoint only needs the step.
 
 
+def model_config_name(args) -> str:
+    """--model_config, else the folder of --init_from (its architecture), else the tiny preset."""
+    return args.model_config or args.init_from or "tiny"
+
+
 def build_config(args) -> ExtremaConfig:
-    overrides = {"drop_path_rate": args.drop_path_rate}
-    if args.mask_ratio is not None:
-        overrides["mask_ratio"] = args.mask_ratio
-    if args.num_masks is not None:
-        overrides["num_masks"] = args.num_masks
-    for field_name in ("loss", "head_norm", "target_centering"):
+    """The config of --model_config with the fields the command line gives (a flag not given leaves the config's)."""
+    overrides = {}
+    for field_name in ("drop_path_rate", "mask_ratio", "num_masks", "loss", "head_norm", "target_centering"):
         if getattr(args, field_name) is not None:
             overrides[field_name] = getattr(args, field_name)
+    model_config = model_config_name(args)
     try:
-        if args.model_config in PRESETS:
-            return ExtremaConfig.from_preset(args.model_config, **overrides)
-        path = Path(args.model_config)
+        if model_config in PRESETS:
+            return ExtremaConfig.from_preset(model_config, **overrides)
+        path = Path(model_config)
         if path.is_file():
             return ExtremaConfig.from_dict({**ExtremaConfig.from_json_file(str(path)).to_dict(), **overrides})
         if path.is_dir():
             return ExtremaConfig.from_pretrained(str(path), **overrides)
-    except ValueError as error:
+    except (OSError, ValueError) as error:
         raise UsageError(str(error)) from error
     raise UsageError(
-        f"--model_config {args.model_config!r} is neither a preset ({', '.join(PRESETS)}) nor a config file/folder."
+        f"--model_config {model_config!r} is neither a preset ({', '.join(PRESETS)}) nor a config file/folder."
     )
 
 
@@ -442,6 +459,61 @@ def build_model(accelerator, config: ExtremaConfig) -> ExtremaForPreTraining:
     if device.type == "cpu" and accelerator.mixed_precision == "bf16":
         model.set_attn_implementation("eager")  # CPU sdpa is slow on short bf16 sequences (1.3x step here)
     return model
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute the activations of every ViT block in the backward pass instead of keeping them: less memory for
+    about a third more compute. Only blocks that train are recomputed (not the teacher's, run without gradients)."""
+    kwargs = {"use_reentrant": False}  # the reentrant variant loses gradients of inputs that do not require them
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# What `load_initial_weights` loads from a folder, by the architecture its config names
+INIT_ARCHITECTURES = {"ExtremaModel": "backbone", "ExtremaForPreTraining": "full"}
+
+
+def load_initial_weights(model: ExtremaForPreTraining, folder) -> str:
+    """Load the weights of a saved ExtreMA into a new pre-training model; returns "backbone" or "full".
+
+    A backbone (`ExtremaModel`: an export of this script, a converted official teacher) becomes the student and the
+    teacher starts as its copy, with fresh heads; a pre-training folder (`ExtremaForPreTraining`: a converted official
+    checkpoint with --full) sets everything, heads and teacher included. The weights must fit the run's architecture:
+    without --model_config, the run's config is the folder's own (`model_config_name`).
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        hint = ": convert an official .pth with scripts/convert_official_checkpoint.py --full" * folder.is_file()
+        raise UsageError(f"--init_from {folder} is not a saved model folder (no config.json){hint}.")
+    saved = json.loads((folder / "config.json").read_text())
+    kinds = [INIT_ARCHITECTURES[name] for name in saved.get("architectures") or [] if name in INIT_ARCHITECTURES]
+    if saved.get("model_type") != "extrema" or not kinds:
+        raise UsageError(
+            f"--init_from {folder} holds a {saved.get('model_type')!r} {saved.get('architectures')} model; it takes "
+            "an ExtreMA backbone (ExtremaModel) or pre-training model (ExtremaForPreTraining) folder."
+        )
+    kind = kinds[0]
+    # our own classes with the folder's weights: nothing of the folder's code runs
+    source = (ExtremaForPreTraining if kind == "full" else ExtremaModel).from_pretrained(str(folder))
+    target = model if kind == "full" else model.student
+    saved_state, state = source.state_dict(), target.state_dict()
+    if kind == "full" and "target_center" not in saved_state:  # a run with --target_centering ema starts at 0
+        state.pop("target_center", None)
+    misfits = sorted(state.keys() ^ saved_state.keys()) + sorted(
+        name for name in state.keys() & saved_state.keys() if state[name].shape != saved_state[name].shape
+    )
+    if misfits:
+        raise UsageError(
+            f"--init_from {folder}: its weights do not fit this run's model ({len(misfits)} tensors differ, e.g. "
+            f"{', '.join(misfits[:3])}). Build the model from the folder: leave out --model_config (or pass "
+            f"--model_config {folder}) and flags that change the architecture, such as --head_norm."
+        )
+    target.load_state_dict(saved_state, strict=False)
+    if kind == "backbone":
+        model.reset_teacher()  # the teacher starts as the student, as at any initialisation
+    return kind
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, predictor_lr_multiplier: float = 1.0) -> list[dict]:
@@ -565,10 +637,11 @@ def resume(accelerator, args) -> tuple[int, StreamPosition]:
 
 
 def bf16_is_native() -> bool:
-    """Whether bf16 autocast runs on bf16 hardware: a CUDA GPU that has it, or a CPU with bf16 dot products
-    (AVX512-BF16 or AMX). Elsewhere bf16 is emulated: measured 3.4x slower than float32 on an Intel Xeon without it."""
+    """Whether bf16 autocast runs on bf16 hardware: a CUDA GPU that computes in it (Ampere or newer), or a CPU with
+    bf16 dot products (AVX512-BF16 or AMX). Elsewhere bf16 is emulated: measured 3.4x slower than float32 on an Intel
+    Xeon without it; a V100 or T4 emulates it too, although `torch.cuda.is_bf16_supported()` says yes."""
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:  # not Linux: assume emulated
@@ -576,12 +649,19 @@ def bf16_is_native() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def resolve_mixed_precision(choice: str) -> str:
+    """--mixed_precision as accelerate takes it. auto: bf16 where the hardware computes in it; on a GPU without bf16
+    (V100, T4) float16, which accelerate trains with loss scaling (its GradScaler); on such a CPU float32."""
+    if choice != "auto":
+        return choice
+    if bf16_is_native():
+        return "bf16"
+    return "fp16" if torch.cuda.is_available() else "no"
+
+
 def make_accelerator(args) -> Accelerator:
-    mixed_precision = args.mixed_precision
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if bf16_is_native() else "no"
     accelerator = Accelerator(
-        mixed_precision=mixed_precision,
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
         # the main process alone computes kNN accuracy; the others wait for it at a barrier
@@ -744,7 +824,8 @@ def recipe_summary(args, config, schedule: Schedule) -> dict:
     """The settings of a run, for the log and the model card."""
     return {
         "recipe": args.recipe or "custom",
-        "backbone": args.model_config,
+        "backbone": model_config_name(args),
+        **({"initialised from": args.init_from} if args.init_from else {}),
         "data": args.dataset_name or args.train_dir or "Fashion-MNIST",
         "epochs / steps": f"{schedule.total_steps / schedule.steps_per_epoch:g} / {schedule.total_steps}",
         "total batch": schedule.total_batch,
@@ -800,6 +881,12 @@ def main(argv=None):
     set_seed(args.seed)
     config = build_config(args)
     model = build_model(accelerator, config)
+    if args.init_from:
+        kind = load_initial_weights(model, args.init_from)
+        what = "every weight" if kind == "full" else "student and teacher"
+        logger.info("Initialised %s from %s.", what, args.init_from)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model, optimizer = accelerator.prepare(model, build_optimizer(model, args, schedule.peak_lr, device))
     unwrapped = accelerator.unwrap_model(model)  # owns update_teacher() and the teacher to evaluate and export
     transform = build_train_transform(args.augmentation, config.image_size, args.crop_min, args.color_on_device)

@@ -173,6 +173,133 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, flags):
     assert te.bf16_is_native() == ("bf16" in flags.lower())
 
 
+# Which precision --mixed_precision auto trains in on each GPU: is_bf16_supported() answers with emulation allowed
+# by default, and only the bf16 of Ampere or newer GPUs is computed by the hardware.
+GPUS = {"A100": (True, True), "H100": (True, True), "V100": (False, True), "T4": (False, True), "P100": (False, False)}
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_auto_precision_on_gpus_is_native_bf16_else_fp16_with_loss_scaling(monkeypatch, gpu):
+    native, emulated = GPUS[gpu]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or (including_emulation and emulated)
+    )
+    assert te.resolve_mixed_precision("auto") == ("bf16" if gpu in ("A100", "H100") else "fp16")
+    assert [te.resolve_mixed_precision(choice) for choice in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpus_is_bf16_or_float32(monkeypatch, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(te, "bf16_is_native", lambda: native)
+    assert te.resolve_mixed_precision("auto") == ("bf16" if native else "no")
+
+
+def test_drop_path_rate_changes_the_config_only_when_given(tmp_path, tiny_config):
+    ExtremaConfig(**{**tiny_config.to_diff_dict(), "drop_path_rate": 0.3}).save_pretrained(tmp_path)
+    base = ["--train_dir", "x", "--model_config", str(tmp_path)]
+    assert te.build_config(te.parse_args(base)).drop_path_rate == 0.3
+    assert te.build_config(te.parse_args([*base, "--drop_path_rate", "0"])).drop_path_rate == 0
+    assert te.build_config(te.parse_args(["--train_dir", "x"])).drop_path_rate == 0.0  # the tiny preset's
+    assert te.build_config(te.parse_args(["--recipe", "vit-base-mask08x5"])).drop_path_rate == 0.1  # the paper's
+
+
+def test_gradient_checkpointing_recomputes_the_student_and_gives_the_same_gradients(tiny_config):
+    """With it, the backward pass runs every student block again (so its activations need not be kept); the
+    gradients are those of the plain model, drop path included (the recomputation replays the RNG)."""
+    config = ExtremaConfig(**{**tiny_config.to_diff_dict(), "drop_path_rate": 0.2})
+    pixels, noise = torch.randn(4, 3, 32, 32), torch.rand(4, *config.mask_noise_shape)
+    gradients, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = ExtremaForPreTraining(config).train()
+        if checkpointing:
+            te.enable_gradient_checkpointing(model)
+        count = []
+        for branch in (model.student, model.teacher):
+            branch.encoder.layer[0].attention.register_forward_hook(lambda *_, b=branch: count.append(b))
+        torch.manual_seed(1)
+        model(pixel_values=pixels, noise=noise).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+        calls.append((sum(b is model.student for b in count), sum(b is model.teacher for b in count)))
+    assert calls == [(1, 1), (2, 1)]  # the student's block twice: forward, then again in the backward pass
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_gradient_checkpointing_flag_turns_it_on_for_the_training_run(tmp_path, monkeypatch):
+    enabled, original = [], te.enable_gradient_checkpointing
+    monkeypatch.setattr(
+        te, "enable_gradient_checkpointing", lambda model: enabled.append(type(model)) or original(model)
+    )
+    write_image_parquet(tmp_path / "data", num_images=16)
+    te.main(["--train_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1",
+             "--gradient_checkpointing", *FAST])  # fmt: skip
+    assert enabled == [ExtremaForPreTraining]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --init_from: continuing from saved weights
+
+
+def saved_pretraining_model(folder, config, seed):
+    torch.manual_seed(seed)
+    model = ExtremaForPreTraining(config)
+    with torch.no_grad():  # a teacher that differs from the student, as after training
+        for parameter in model.teacher.parameters():
+            parameter.add_(0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+def test_init_from_a_backbone_sets_student_and_teacher(tmp_path, tiny_config):
+    saved = saved_pretraining_model(tmp_path / "full", tiny_config, seed=1)
+    saved.teacher.save_pretrained(tmp_path / "backbone")
+    args = te.parse_args(["--train_dir", "x", "--init_from", str(tmp_path / "backbone")])
+    torch.manual_seed(2)
+    model = ExtremaForPreTraining(te.build_config(args))  # the folder's architecture, not the tiny preset's
+    fresh_heads = {k: v.clone() for k, v in model.state_dict().items() if "projector" in k or "predictor" in k}
+    assert te.load_initial_weights(model, args.init_from) == "backbone"
+    for role in ("student", "teacher"):
+        assert_same_weights(getattr(model, role).state_dict(), saved.teacher.state_dict(), atol=0)
+    assert_same_weights(model.teacher_projector.state_dict(), model.student_projector.state_dict(), atol=0)
+    assert_same_weights({k: v for k, v in model.state_dict().items() if k in fresh_heads}, fresh_heads, atol=0)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_init_from_a_pretraining_folder_sets_every_weight(tmp_path, tiny_config):
+    saved = saved_pretraining_model(tmp_path / "full", tiny_config, seed=1)
+    args = te.parse_args(["--train_dir", "x", "--init_from", str(tmp_path / "full"), "--drop_path_rate", "0.1"])
+    config = te.build_config(args)
+    assert (config.hidden_size, config.drop_path_rate) == (tiny_config.hidden_size, 0.1)
+    torch.manual_seed(2)
+    model = ExtremaForPreTraining(config)
+    assert te.load_initial_weights(model, args.init_from) == "full"
+    assert_same_weights(model.state_dict(), saved.state_dict(), atol=0)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_init_from_refuses_folders_that_do_not_fit(tmp_path, tiny_config):
+    saved_pretraining_model(tmp_path / "full", tiny_config, seed=1)
+    tiny = ExtremaForPreTraining(ExtremaConfig.from_preset("tiny"))  # another width than the saved model's
+    with pytest.raises(de.UsageError, match="do not fit this run's model.*leave out --model_config"):
+        te.load_initial_weights(tiny, tmp_path / "full")
+    batchnorm = ExtremaForPreTraining(ExtremaConfig(**{**tiny_config.to_diff_dict(), "head_norm": "batchnorm"}))
+    with pytest.raises(de.UsageError, match="do not fit"):
+        te.load_initial_weights(batchnorm, tmp_path / "full")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    with pytest.raises(de.UsageError, match="'vit'.*takes an ExtreMA backbone"):
+        te.load_initial_weights(tiny, tmp_path / "other")
+    (tmp_path / "release.pth").write_bytes(b"")
+    with pytest.raises(de.UsageError, match="convert_official_checkpoint.py --full"):
+        te.load_initial_weights(tiny, tmp_path / "release.pth")
+    with pytest.raises(de.UsageError, match="not a saved model folder"):
+        te.load_initial_weights(tiny, tmp_path / "missing")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training runs
 

@@ -13,8 +13,10 @@ import torch
 
 import train_extrema as te  # the repository root is on sys.path (conftest.py)
 from conftest import REPO_ROOT
+from modeling_extrema import ExtremaForPreTraining
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import convert_official_checkpoint  # noqa: E402
 from convert_official_checkpoint import config_from_state_dict, convert, load_official_state_dict  # noqa: E402
 
 # Adam divides each step by sqrt(v) + eps, so its first steps turn float differences in small gradients into weight
@@ -29,8 +31,8 @@ KEY_BIAS_GRAD = 1e-7
 KEY_BIAS_MOVE = 1e-3
 
 
-def training_args(schedule: dict):
-    """train_extrema's command line for the golden run's recipe."""
+def training_args(schedule: dict, *extra_flags: str):
+    """train_extrema's command line for the golden run's recipe, with `extra_flags`."""
     flags = {
         "--train_dir": "unused",  # no data is read: the golden file holds the batches
         "--per_device_train_batch_size": schedule["batch_size"],
@@ -44,7 +46,7 @@ def training_args(schedule: dict):
         "--drop_path_rate": 0,
         "--mixed_precision": "no",
     }
-    return te.parse_args([str(x) for item in flags.items() for x in item])
+    return te.parse_args([str(x) for item in flags.items() for x in item] + list(extra_flags))
 
 
 def official_checkpoint(golden: dict, name: str, tmp_path) -> dict:
@@ -68,14 +70,8 @@ def split_key_biases(tensors: dict, hidden_size: int) -> tuple[dict, dict]:
     return others, key_biases
 
 
-def train_like_the_official_code(golden: dict, tmp_path):
-    """The golden run with train_extrema's pieces.
-
-    Returns the initial state dict, the trained model, the parsed arguments, the optimizer, and per step: lr,
-    momentum, loss, and the largest gradient of an attention key bias.
-    """
-    args = training_args(golden["schedule"])
-    schedule = te.plan_schedule(args, num_examples=None, world_size=1)
+def converted_model(golden: dict, args, tmp_path):
+    """The golden run's initial checkpoint converted in memory with the conversion script's functions."""
     state_dict = official_checkpoint(golden, "initial_checkpoint", tmp_path)
     config = config_from_state_dict(
         state_dict,
@@ -84,7 +80,34 @@ def train_like_the_official_code(golden: dict, tmp_path):
         num_masks=golden["config"]["num_masks"],
         drop_path_rate=args.drop_path_rate,
     )
-    model = convert(state_dict, config, full=True).train()
+    return convert(state_dict, config, full=True)
+
+
+def model_from_init_from(golden: dict, args, tmp_path):
+    """The model `train_extrema.main` builds with `--init_from` a folder that the conversion script wrote."""
+    path = tmp_path / "official.pth"
+    torch.save(golden["initial_checkpoint"], path)
+    config = golden["config"]
+    convert_official_checkpoint.main([
+        "--checkpoint", str(path), "--output_dir", args.init_from, "--full",
+        "--num_attention_heads", str(config["num_attention_heads"]),
+        "--mask_ratio", str(config["mask_ratio"]), "--num_masks", str(config["num_masks"]),
+    ])  # fmt: skip
+    model = ExtremaForPreTraining(te.build_config(args))  # without --model_config: the folder's architecture
+    assert te.load_initial_weights(model, args.init_from) == "full"
+    return model
+
+
+def train_like_the_official_code(golden: dict, tmp_path, args=None, build_model=converted_model):
+    """The golden run with train_extrema's pieces, from the model `build_model(golden, args, tmp_path)`.
+
+    Returns the initial state dict, the trained model, the parsed arguments, the optimizer, and per step: lr,
+    momentum, loss, and the largest gradient of an attention key bias.
+    """
+    args = args or training_args(golden["schedule"])
+    schedule = te.plan_schedule(args, num_examples=None, world_size=1)
+    model = build_model(golden, args, tmp_path).train()
+    config = model.config
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     optimizer = torch.optim.AdamW(  # as main builds it; fused is its choice on CPUs and GPUs
         te.param_groups(model, args.weight_decay),
@@ -125,8 +148,22 @@ def train_like_the_official_code(golden: dict, tmp_path):
 
 def test_training_reproduces_the_official_trajectory(golden_train_path, tmp_path):
     golden = torch.load(golden_train_path, map_location="cpu", weights_only=True)
-    initial, model, args, optimizer, trace = train_like_the_official_code(golden, tmp_path)
+    assert_official_trajectory(golden, *train_like_the_official_code(golden, tmp_path), tmp_path)
 
+
+def test_init_from_a_converted_official_checkpoint_trains_as_the_official_code(golden_train_path, tmp_path):
+    """--init_from a `convert_official_checkpoint.py --full` folder: the first step's loss, and every step after it,
+    are the official code's."""
+    golden = torch.load(golden_train_path, map_location="cpu", weights_only=True)
+    args = training_args(golden["schedule"], "--init_from", str(tmp_path / "converted"))
+    run = train_like_the_official_code(golden, tmp_path, args, build_model=model_from_init_from)
+    trace = run[-1]
+    assert abs(trace["loss"][0] - golden["losses"][0]) < LOSS_ATOL
+    assert_official_trajectory(golden, *run, tmp_path)
+
+
+def assert_official_trajectory(golden: dict, initial, model, args, optimizer, trace, tmp_path):
+    """The run of `train_like_the_official_code` step by step against the official run."""
     # main's optimizer settings are the official ones
     assert optimizer.defaults["betas"] == tuple(golden["schedule"]["adam_betas"])
     assert optimizer.defaults["eps"] == golden["schedule"]["adam_eps"]
