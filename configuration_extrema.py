@@ -11,6 +11,11 @@ This file is shipped as remote code with every saved model, so it imports only `
 
 from transformers import PretrainedConfig
 
+try:  # transformers >= 5.2 moved the backbone helpers out of `utils`
+    from transformers.backbone_utils import BackboneConfigMixin
+except ImportError:
+    from transformers.utils.backbone_utils import BackboneConfigMixin
+
 # Sizes follow the ViT family (Dosovitskiy et al.) at 224 px with 16 px patches; `tiny` is a 32 px, patch-4 network
 # for CIFAR-10 / Fashion-MNIST on a CPU. Projector and predictor widths follow BYOL (4096 hidden, 256 out) except for
 # `tiny`, whose heads are shrunk so that they do not dominate its compute.
@@ -33,7 +38,7 @@ PRESETS = {
 }
 
 
-class ExtremaConfig(PretrainedConfig):
+class ExtremaConfig(BackboneConfigMixin, PretrainedConfig):
     r"""
     Configuration of an ExtreMA model ([`ExtremaModel`], [`ExtremaForPreTraining`],
     [`ExtremaForImageClassification`]). The defaults give the ViT-Base/16 of the paper with 80% masking.
@@ -72,6 +77,10 @@ class ExtremaConfig(PretrainedConfig):
             loss normalises them: `"none"` (the official loss), `"batch"` (their batch mean, over all processes) or
             `"ema"` (a running mean of it, as DINO centres its teacher).
         target_center_momentum (`float`, defaults to 0.9): momentum of the running centre for `target_centering="ema"`.
+        out_features (`list[str]`, *optional*): stages [`ExtremaBackbone`] returns as feature maps, named from
+            `stage_names`: `"stem"` (the patch embeddings) and `"stage1"` .. `"stage{num_hidden_layers}"` (the
+            self-attention blocks). Defaults to the last block.
+        out_indices (`list[int]`, *optional*): the same stages by index into `stage_names` (0 is the stem).
     """
 
     model_type = "extrema"
@@ -105,6 +114,8 @@ class ExtremaConfig(PretrainedConfig):
         head_norm="layernorm",
         target_centering="none",
         target_center_momentum=0.9,
+        out_features=None,
+        out_indices=None,
         **kwargs,
     ):
         self.image_size = image_size
@@ -134,8 +145,16 @@ class ExtremaConfig(PretrainedConfig):
         self.head_norm = head_norm
         self.target_centering = target_centering
         self.target_center_momentum = target_center_momentum
+        kwargs.pop("stage_names", None)  # saved by `to_dict`, but always derived from num_hidden_layers
         super().__init__(**kwargs)
         self.validate_extrema()
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The backbone's stages: the patch embeddings, then every self-attention block (class attention is not one:
+        it leaves the patch tokens unchanged)."""
+        return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
 
     @property
     def intermediate_size(self) -> int:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
@@ -36,14 +37,41 @@ from transformers import (
 )
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple
+
+try:  # transformers >= 5.2 moved the backbone helpers out of `utils`
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:
+    from transformers.utils.backbone_utils import BackboneMixin
 
 try:  # loaded as remote code (a package made by transformers) or from this repository (a top-level module)
     from .configuration_extrema import ExtremaConfig
 except ImportError:
     from configuration_extrema import ExtremaConfig
+
+
+@dataclass
+class ExtremaModelOutput(BaseModelOutputWithPooling):
+    """
+    Output of [`ExtremaModel`]: `BaseModelOutputWithPooling` (class token in `pooler_output`, self-attention maps
+    (B, H, N, N) in `attentions`) plus the class-attention maps.
+
+    Args:
+        class_attentions (`tuple(torch.FloatTensor)`, one per class-attention layer, of shape
+            `(batch_size, num_heads, 1, 1 + num_patches)`): how the class token attends over [cls; patch tokens].
+    """
+
+    class_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ExtremaImageClassifierOutput(ImageClassifierOutput):
+    """Output of [`ExtremaForImageClassification`]: `ImageClassifierOutput` plus the class-attention maps (see
+    [`ExtremaModelOutput`])."""
+
+    class_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -321,20 +349,33 @@ class ExtremaClassAttentionLayer(nn.Module):
 
 
 class ExtremaEncoder(nn.Module):
-    """Self-attention blocks over the patch tokens, then class-attention blocks that build the class token."""
+    """Self-attention blocks over the patch tokens, then class-attention blocks that build the class token.
 
-    def __init__(self, config: ExtremaConfig):
+    Built with `add_class_attention=False` (the dense backbone) it holds only the self-attention blocks and returns the
+    patch tokens (B, N, D); otherwise [cls; patch tokens] (B, 1 + N, D).
+    """
+
+    def __init__(self, config: ExtremaConfig, add_class_attention: bool = True):
         super().__init__()
         # stochastic depth grows linearly with depth; the class-attention blocks have none (as in the official code)
         # (on the CPU: transformers 5.0 builds models under a meta default device, where .item() fails)
         rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu")]
         self.layer = nn.ModuleList([ExtremaLayer(config, rate) for rate in rates])
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.class_attention_layer = nn.ModuleList(
-            [ExtremaClassAttentionLayer(config) for _ in range(config.num_class_attention_layers)]
-        )
+        if add_class_attention:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+            self.class_attention_layer = nn.ModuleList(
+                [ExtremaClassAttentionLayer(config) for _ in range(config.num_class_attention_layers)]
+            )
+        else:
+            self.class_attention_layer = None
 
     def forward(self, hidden_states: torch.Tensor, output_attentions=False, output_hidden_states=False):
+        """Returns (tokens, hidden_states, attentions, class_attentions); the last three are tuples or None.
+
+        Self-attention maps (B, H, N, N) and class-attention maps (B, H, 1, 1 + N) are kept apart, as encoder-decoder
+        models keep `cross_attentions` apart from `attentions`: code that walks `attentions` (attention rollout,
+        stacking) finds one map of one shape per hidden layer.
+        """
         # Collected by hand, not by transformers' output recording (`_can_record_outputs`): transformers 5.0 records
         # through `check_model_inputs`, later 5.x through `capture_outputs` (and `check_model_inputs` no longer
         # records), and this remote code must load on every 5.x.
@@ -346,13 +387,26 @@ class ExtremaEncoder(nn.Module):
                 all_hidden_states += (hidden_states,)
             if output_attentions:
                 all_attentions += (attn_weights,)
+        if self.class_attention_layer is None:
+            return hidden_states, all_hidden_states, all_attentions, None
 
+        all_class_attentions = () if output_attentions else None
         cls_token = self.cls_token.expand(hidden_states.shape[0], -1, -1)  # (B, 1, D)
         for layer in self.class_attention_layer:
             cls_token, attn_weights = layer(hidden_states, cls_token, output_attentions)
             if output_attentions:
-                all_attentions += (attn_weights,)
-        return torch.cat([cls_token, hidden_states], dim=1), all_hidden_states, all_attentions  # (B, 1 + N, D)
+                all_class_attentions += (attn_weights,)
+        tokens = torch.cat([cls_token, hidden_states], dim=1)  # (B, 1 + N, D)
+        return tokens, all_hidden_states, all_attentions, all_class_attentions
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_extrema.ExtremaConfig",
+    "AutoModel": "modeling_extrema.ExtremaModel",
+    "AutoModelForPreTraining": "modeling_extrema.ExtremaForPreTraining",
+    "AutoModelForImageClassification": "modeling_extrema.ExtremaForImageClassification",
+    "AutoBackbone": "modeling_extrema.ExtremaBackbone",
+}
 
 
 class ExtremaPreTrainedModel(PreTrainedModel):
@@ -365,6 +419,13 @@ class ExtremaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ExtremaEmbeddings", "ExtremaLayer", "ExtremaClassAttentionLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+
+    def post_init(self):
+        super().post_init()
+        # Every saved folder maps all the Auto classes to this file, so that a folder saved by one class opens as any
+        # other (AutoBackbone on a pre-trained model, ...) with trust_remote_code=True where this project is not
+        # installed. Entries the config already has (a Hub repo's) win.
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -391,7 +452,7 @@ class ExtremaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ExtremaEmbeddings):
             if not getattr(module.position_embeddings, "_is_hf_initialized", False):
                 module.position_embeddings.copy_(sincos_position_embedding(self.config.hidden_size, module.grid_size))
-        elif isinstance(module, ExtremaEncoder):
+        elif isinstance(module, ExtremaEncoder) and module.class_attention_layer is not None:
             nn.init.normal_(module.cls_token, std=self.config.initializer_range)
         elif isinstance(module, ExtremaClassAttentionLayer):
             nn.init.constant_(module.layer_scale_1, self.config.layer_scale_init_value)
@@ -406,9 +467,9 @@ class ExtremaModel(ExtremaPreTrainedModel):
     `last_hidden_state` is (B, 1 + N, D) after the final LayerNorm: index 0 is the class token, 1.. the patch tokens;
     `pooler_output` is the class token. With `ids_keep` (B, K) only the K listed patches are encoded; with
     `ids_keep` (num_masks, B, K) every image is encoded once per mask and the outputs are stacked mask-major
-    (num_masks * B, 1 + K, D). `attentions` holds one (B, H, N, N) map per self-attention layer followed by one
-    (B, H, 1, 1 + N) class-attention map per class-attention layer; `hidden_states` the (B, N, D) patch tokens after
-    the embeddings and after every self-attention layer.
+    (num_masks * B, 1 + K, D). `attentions` holds one (B, H, N, N) map per self-attention layer, `class_attentions`
+    one (B, H, 1, 1 + N) map per class-attention layer; `hidden_states` the (B, N, D) patch tokens after the
+    embeddings and after every self-attention layer.
     """
 
     def __init__(self, config: ExtremaConfig):
@@ -431,19 +492,73 @@ class ExtremaModel(ExtremaPreTrainedModel):
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
+    ) -> ExtremaModelOutput:
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         embeddings = self.embeddings(pixel_values, ids_keep, interpolate_pos_encoding)  # (B', K, D)
-        tokens, hidden_states, attentions = self.encoder(embeddings, output_attentions, output_hidden_states)
+        tokens, hidden_states, attentions, class_attentions = self.encoder(
+            embeddings, output_attentions, output_hidden_states
+        )
         sequence_output = self.layernorm(tokens)  # (B', 1 + K, D)
         pooled_output = sequence_output[:, 0]
-        return BaseModelOutputWithPooling(
+        return ExtremaModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
             hidden_states=hidden_states,
+            attentions=attentions,
+            class_attentions=class_attentions,
+        )
+
+
+class ExtremaBackbone(BackboneMixin, ExtremaPreTrainedModel):
+    """The ViT blocks of the backbone as feature maps for dense heads (UperNet, Mask R-CNN, DPT).
+
+    `feature_maps` holds, for every stage of `config.out_features` (`"stem"`: the patch embeddings, `"stageI"`: the
+    output of self-attention block I), its patch tokens after the final LayerNorm, laid out as an image
+    (B, D, H / patch_size, W / patch_size). Any input size whose sides are multiples of the patch size works: the
+    position table is interpolated. The class-attention blocks are not part of it (they never change the patch
+    tokens), so a backbone loads from the weights of an [`ExtremaModel`] without them.
+    """
+
+    # an ExtremaModel's class-attention weights have no place here; loading them into a backbone drops them on purpose
+    _keys_to_ignore_on_load_unexpected = [r"encoder\.cls_token", r"encoder\.class_attention_layer\."]
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * len(config.stage_names)
+        self.embeddings = ExtremaEmbeddings(config)
+        self.encoder = ExtremaEncoder(config, add_class_attention=False)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> ExtremaPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput:
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        batch_size, _, height, width = pixel_values.shape
+        grid_height, grid_width = height // self.config.patch_size, width // self.config.patch_size
+        embeddings = self.embeddings(pixel_values)  # (B, N, D), positions interpolated to the input size
+        _, hidden_states, attentions, _ = self.encoder(embeddings, output_attentions, output_hidden_states=True)
+        feature_maps = tuple(
+            self.layernorm(hidden_states[index]).transpose(1, 2).reshape(batch_size, -1, grid_height, grid_width)
+            for index in self.out_indices
+        )  # each (B, N, D) -> (B, D, h, w), patches row-major
+        return BackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=hidden_states if output_hidden_states else None,
             attentions=attentions,
         )
 
@@ -681,7 +796,7 @@ class ExtremaForImageClassification(ExtremaPreTrainedModel):
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput:
+    ) -> ExtremaImageClassifierOutput:
         outputs = self.extrema(
             pixel_values,
             output_attentions=output_attentions,
@@ -703,8 +818,12 @@ class ExtremaForImageClassification(ExtremaPreTrainedModel):
                 loss = torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
             else:
                 loss = F.cross_entropy(logits, labels)
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        return ExtremaImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            class_attentions=outputs.class_attentions,
         )
 
 
@@ -714,17 +833,22 @@ ExtremaConfig.register_for_auto_class()
 ExtremaModel.register_for_auto_class("AutoModel")
 ExtremaForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 ExtremaForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+ExtremaBackbone.register_for_auto_class("AutoBackbone")
 # In-process registration: the Auto classes resolve "extrema" once this module is imported.
 AutoConfig.register("extrema", ExtremaConfig, exist_ok=True)
 AutoModel.register(ExtremaConfig, ExtremaModel, exist_ok=True)
 AutoModelForPreTraining.register(ExtremaConfig, ExtremaForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(ExtremaConfig, ExtremaForImageClassification, exist_ok=True)
+AutoBackbone.register(ExtremaConfig, ExtremaBackbone, exist_ok=True)
 
 __all__ = [
     "collapse_statistics",
+    "ExtremaBackbone",
     "ExtremaForImageClassification",
     "ExtremaForPreTraining",
     "ExtremaForPreTrainingOutput",
+    "ExtremaImageClassifierOutput",
     "ExtremaModel",
+    "ExtremaModelOutput",
     "ExtremaPreTrainedModel",
 ]

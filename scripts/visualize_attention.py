@@ -71,9 +71,9 @@ def attention_maps(backbone, pixel_values: torch.Tensor, patches: list[int]):
     """Head-averaged maps of one image (1, 3, S, S): (query maps (Q, h, w), class-attention map (h, w))."""
     config = backbone.config
     grid = pixel_values.shape[-1] // config.patch_size
-    attentions = backbone(pixel_values, output_attentions=True).attentions
-    last_self = attentions[config.num_hidden_layers - 1][0].mean(0)  # (heads, N, N) -> (N, N)
-    last_class = attentions[-1][0].mean(0)[0, 1:]  # (heads, 1, 1 + N) -> (N,): over the patches, not the cls key
+    outputs = backbone(pixel_values, output_attentions=True)
+    last_self = outputs.attentions[-1][0].mean(0)  # (heads, N, N) -> (N, N)
+    last_class = outputs.class_attentions[-1][0].mean(0)[0, 1:]  # (heads, 1, 1 + N) -> (N,): patches, not the cls key
     return last_self[patches].reshape(len(patches), grid, grid), last_class.reshape(grid, grid)
 
 

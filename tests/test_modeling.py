@@ -114,10 +114,11 @@ def test_output_shapes_and_representations(tiny_config):
     torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 0], atol=0, rtol=0)
     assert len(out.hidden_states) == tiny_config.num_hidden_layers + 1
     assert all(state.shape == (3, n, d) for state in out.hidden_states)
-    assert len(out.attentions) == tiny_config.num_hidden_layers + tiny_config.num_class_attention_layers
-    assert all(a.shape == (3, h, n, n) for a in out.attentions[: tiny_config.num_hidden_layers])
-    assert all(a.shape == (3, h, 1, 1 + n) for a in out.attentions[tiny_config.num_hidden_layers :])
-    torch.testing.assert_close(out.attentions[-1].sum(-1), torch.ones(3, h, 1))  # a distribution over [cls; patches]
+    assert len(out.attentions) == tiny_config.num_hidden_layers
+    assert all(a.shape == (3, h, n, n) for a in out.attentions)
+    assert len(out.class_attentions) == tiny_config.num_class_attention_layers
+    assert all(a.shape == (3, h, 1, 1 + n) for a in out.class_attentions)
+    torch.testing.assert_close(out.class_attentions[-1].sum(-1), torch.ones(3, h, 1))  # a distribution
 
 
 def test_sdpa_and_eager_attention_agree(tiny_config):
