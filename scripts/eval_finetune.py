@@ -20,7 +20,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torchvision.transforms import v2
 
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE
 from _eval_common import (
+    parse_checked,
     add_eval_args,
     build_classifier,
     evaluate,
@@ -58,7 +60,24 @@ def parse_args(argv=None):
         help="train on a class-balanced fraction of the training split, chosen by --seed (0.01, 0.1: the paper's "
         "semi-supervised settings)",
     )
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv, FLAG_RANGES)
+
+
+FLAG_RANGES = {
+    "learning_rate": POSITIVE,
+    "min_learning_rate": AT_LEAST_0,
+    "layer_decay": OPEN_UNIT,
+    "weight_decay": AT_LEAST_0,
+    "num_train_epochs": AT_LEAST_1,
+    "warmup_epochs": AT_LEAST_0,
+    "drop_path_rate": FRACTION,
+    "label_smoothing": FRACTION,
+    "mixup": AT_LEAST_0,
+    "cutmix": AT_LEAST_0,
+    "max_grad_norm": AT_LEAST_0,
+    "num_labels": (lambda value: value >= 2, "at least 2"),
+    "label_fraction": OPEN_UNIT,
+}
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -109,7 +128,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator()
     set_seed(args.seed)
-    backbone = load_extrema(args.model_name_or_path)
+    backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     image_size = backbone.config.image_size
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
