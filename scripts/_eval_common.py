@@ -179,6 +179,7 @@ def load_extrema(name_or_path: str, trust_remote_code: bool = False, **kwargs):
             **kwargs, "trust_remote_code": True}  # fmt: skip
     else:
         import modeling_extrema
+        from configuration_extrema import ExtremaConfig
 
         register_auto_classes()
         classes = (
@@ -186,6 +187,10 @@ def load_extrema(name_or_path: str, trust_remote_code: bool = False, **kwargs):
             modeling_extrema.ExtremaForImageClassification,
             modeling_extrema.ExtremaModel,
         )
+        try:
+            kwargs["config"] = ExtremaConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError, TypeError) as error:
+            raise UsageError(f"The config.json of {name_or_path} is invalid: {first_line(error)}") from error
     try:
         if "ExtremaForPreTraining" in architectures:
             model = classes[0].from_pretrained(name_or_path, **kwargs).teacher
