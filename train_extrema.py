@@ -554,11 +554,6 @@ def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_l
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def get_momentum(step: int, total_steps: int, base_momentum: float) -> float:
-    """EMA momentum rising from base_momentum to 1 on a half-cycle cosine (BYOL)."""
-    return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
-
-
 @cache  # a pass over every step of the run (375k for ImageNet): once, though the summary and the warning both ask
 def teacher_init_share(total_steps: int, base_momentum: float) -> float:
     """The share of its initial weights that the teacher still holds after the run: the product of the momenta.
@@ -567,7 +562,8 @@ def teacher_init_share(total_steps: int, base_momentum: float) -> float:
     With m rising from 0.996 to 1, that is 31% after 585 steps (3 CIFAR-10 epochs of batch 256) but 0.7% after 5,000;
     a short run with the paper's momentum evaluates and exports a teacher that is still largely random.
     """
-    return math.exp(sum(math.log(get_momentum(step, total_steps, base_momentum)) for step in range(total_steps)))
+    momenta = (ExtremaForPreTraining.teacher_momentum(step, total_steps, base_momentum) for step in range(total_steps))
+    return math.exp(sum(map(math.log, momenta)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -907,7 +903,7 @@ def main(argv=None):
         if batches is None:
             batches = training_batches(dataset, transform, args, config.mask_noise_shape, position, device)
         lr = get_lr(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, args.min_learning_rate)
-        momentum = get_momentum(step, schedule.total_steps, args.ema_momentum)
+        momentum = ExtremaForPreTraining.teacher_momentum(step, schedule.total_steps, args.ema_momentum)
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == schedule.total_steps
         loss, collapse = forward_backward(accelerator, model, batches, args.gradient_accumulation_steps, log_now)
         loss = accelerator.reduce(loss, "mean").item()  # the same value on every rank: they stop together

@@ -87,9 +87,9 @@ def test_schedules():
     assert te.get_lr(100, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.1)
     lrs = [te.get_lr(s, 100, 10, 1.0) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert te.get_momentum(0, 100, 0.996) == pytest.approx(0.996)
-    assert te.get_momentum(50, 100, 0.996) == pytest.approx(0.998)
-    assert te.get_momentum(100, 100, 0.996) == pytest.approx(1.0)
+    assert ExtremaForPreTraining.teacher_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert ExtremaForPreTraining.teacher_momentum(50, 100, 0.996) == pytest.approx(0.998)
+    assert ExtremaForPreTraining.teacher_momentum(100, 100, 0.996) == pytest.approx(1.0)
 
 
 def test_teacher_init_share_is_the_product_of_the_momenta():
@@ -99,7 +99,7 @@ def test_teacher_init_share_is_the_product_of_the_momenta():
         for p in model.student.parameters():
             p.zero_()
     for step in range(50):  # a student at 0: the teacher's weights shrink by exactly the kept share
-        model.update_teacher(te.get_momentum(step, 50, 0.9))
+        model.update_teacher(ExtremaForPreTraining.teacher_momentum(step, 50, 0.9))
     share = te.teacher_init_share(50, 0.9)
     for before, after in zip(initial, model.teacher.parameters()):
         torch.testing.assert_close(after, before * share)
