@@ -17,6 +17,7 @@ import torch
 
 from cli_extrema import AT_LEAST_1, FRACTION, UsageError, check_ranges, prepare_output_dir, run_cli
 from configuration_extrema import ExtremaConfig
+from export_extrema import export_backbone
 from modeling_extrema import ExtremaForPreTraining, ExtremaModel
 
 # official encoder key -> ExtremaModel key
@@ -146,8 +147,6 @@ def main(argv=None):
             f"--checkpoint {args.checkpoint} does not have the official ExtreMA layout ({type(error).__name__}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); check --num_attention_heads."
         ) from error
-
-    from train_extrema import export_backbone  # the training script owns the export (weights, processor, card)
 
     source = Path(args.checkpoint).name
     if args.full:  # everything, to continue pre-training: AutoModelForPreTraining.from_pretrained(output_dir, ...)
