@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # the quality benchmark
 
 import benchmark_quality  # noqa: E402
 import eval_finetune  # noqa: E402
