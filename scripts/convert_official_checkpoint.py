@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from configuration_extrema import ExtremaConfig
+from export_extrema import export_backbone
 from modeling_extrema import ExtremaForPreTraining, ExtremaModel
 
 # official encoder key -> ExtremaModel key
@@ -131,8 +132,6 @@ def main(argv=None):
         state_dict, args.num_attention_heads, mask_ratio=args.mask_ratio, num_masks=args.num_masks
     )
     model = convert(state_dict, config, encoder=args.encoder, full=args.full)
-
-    from train_extrema import export_backbone  # the training script owns the export (weights, processor, card)
 
     source = Path(args.checkpoint).name
     if args.full:  # everything, to continue pre-training: AutoModelForPreTraining.from_pretrained(output_dir, ...)
