@@ -26,6 +26,7 @@ setup(
         "transformers>=5.0,<6",
         "datasets>=5.1",  # shuffle(max_buffer_input_shards=), split_dataset_by_node(strategy=)
         "accelerate>=1.0",
+        "timm>=1.0",  # the fine-tuning recipe: RandAugment, random erasing, Mixup / CutMix
         "safetensors>=0.4",
         "huggingface-hub>=0.30",
         "pillow",

@@ -165,7 +165,7 @@ def test_color_on_device_makes_the_random_choices_of_the_cpu_path(augmentation):
     assert sorted(fields) == sent[augmentation]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by scripts/gpu_check.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
 def test_cuda_color_augment_never_waits_and_matches_the_cpu():
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
