@@ -29,12 +29,12 @@ from accelerate.utils import set_seed
 
 from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE
 from _eval_common import (
-    parse_checked,
     UsageError,
     add_eval_args,
     build_classifier,
     evaluate,
     load_extrema,
+    parse_checked,
     resolve_validation_split,
     run,
     split_size_and_classes,

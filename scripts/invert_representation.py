@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 
 from cli_extrema import AT_LEAST_1, FRACTION, POSITIVE
 from _eval_common import (
-    parse_checked,
     add_eval_args,
     add_image_args,
     denormalize,
     load_extrema,
     load_image,
     normalize,
+    parse_checked,
     resize_panel,
     run,
     save_grid,

@@ -22,8 +22,6 @@ from torchvision.transforms import v2
 
 from cli_extrema import AT_LEAST_0, AT_LEAST_1, OPEN_UNIT
 from _eval_common import (
-    read_image_file,
-    parse_checked,
     UsageError,
     add_eval_args,
     add_image_args,
@@ -33,6 +31,8 @@ from _eval_common import (
     load_extrema,
     load_image,
     normalize,
+    parse_checked,
+    read_image_file,
     resize_panel,
     run,
     save_grid,

@@ -18,7 +18,6 @@ import torch
 from accelerate.utils import set_seed
 
 from _eval_common import (
-    parse_checked,
     COLORS,
     UsageError,
     add_eval_args,
@@ -29,6 +28,7 @@ from _eval_common import (
     load_extrema,
     load_image,
     overlay,
+    parse_checked,
     resize_panel,
     run,
     save_grid,
