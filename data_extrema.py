@@ -628,26 +628,30 @@ def round_robin(loader, num_workers: int, first_worker: int):
             wanted = (wanted + 1) % num_workers
 
 
-def training_batches(dataset, transform, args, noise_shape, position: StreamPosition, device):
-    """Micro-batches of one epoch (`position.epoch`) on this rank, from `position` on; updates `position` in place.
+def training_batches(
+    dataset, transform, noise_shape, position: StreamPosition, device, *, batch_size: int, num_workers: int, seed: int
+):
+    """Micro-batches of `batch_size` images of one epoch (`position.epoch`) on this rank, from `position` on, read by
+    `num_workers` DataLoader workers (at most one per shard); updates `position` in place.
 
-    `noise_shape`: one image's mask noise (`ExtremaConfig.mask_noise_shape`), see `TrainingStream`.
+    `noise_shape`: one image's mask noise (`ExtremaConfig.mask_noise_shape`); `seed`: the run's, from which every
+    image's augmentation and masks are drawn (see `TrainingStream`).
     """
     dataset.set_epoch(position.epoch)  # a new shard order and shuffle every epoch, the same on every rank
-    num_workers = min(args.num_workers, dataset.num_shards)
+    num_workers = min(num_workers, dataset.num_shards)
     if position.batches and position.num_workers != num_workers:
         raise UsageError(
             f"The checkpoint's stream was read by {position.num_workers} DataLoader workers, this run has "
             f"{num_workers}: resume with --num_workers {position.num_workers} to continue it exactly."
         )
     position.num_workers = num_workers
-    stream = TrainingStream(dataset, transform, args.seed, noise_shape, skip_rows=dict(position.rows))
+    stream = TrainingStream(dataset, transform, seed, noise_shape, skip_rows=dict(position.rows))
     loader = torch.utils.data.DataLoader(
         stream,
-        batch_size=args.per_device_train_batch_size,
+        batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(args.seed),  # so that making a loader never draws from the global RNG
+        generator=torch.Generator().manual_seed(seed),  # so that making a loader never draws from the global RNG
     )
     for batch in round_robin(loader, max(1, num_workers), position.batches % max(1, num_workers)):
         worker = int(batch["worker"][0])

@@ -266,7 +266,10 @@ def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
 
 def take_batches(dataset, args, position, count):
     transform = de.build_train_transform("shared_crop_color", 32, color_on_device=args.color_on_device)
-    batches = de.training_batches(dataset, transform, args, (64,), position, torch.device("cpu"))
+    batches = de.training_batches(
+        dataset, transform, (64,), position, torch.device("cpu"),
+        batch_size=args.per_device_train_batch_size, num_workers=args.num_workers, seed=args.seed,
+    )  # fmt: skip
     return [next(batches) for _ in range(count)]
 
 
