@@ -73,10 +73,13 @@ EVAL_RANGES = {
 }
 
 
-def parse_checked(parser, argv=None, ranges: dict | None = None):
-    """Parse `argv`, check every flag against EVAL_RANGES and the script's `ranges`, then create and write-probe
-    --output_dir: a mistake stops the script before any work, and nothing is written from invalid settings."""
+def parse_checked(parser, argv=None, ranges: dict | None = None, check=None):
+    """Parse `argv`, check every flag against EVAL_RANGES and the script's `ranges` (and with `check(args)`, which
+    raises a UsageError), then create and write-probe --output_dir: a mistake stops the script before any work, and
+    nothing is written from invalid settings."""
     args = check_ranges(parser.parse_args(argv), {**EVAL_RANGES, **(ranges or {})})
+    if check is not None:
+        check(args)
     prepare_output_dir(args.output_dir)
     return args
 

@@ -106,7 +106,7 @@ def parse_args(argv=None):
     group.add_argument("--eval_every_epochs", type=int, default=0, help="evaluate every N epochs (0: at the end only)")
     group.add_argument("--logging_steps", type=int, default=10)
     group.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "wandb", "trackio", "none"))
-    return check_args(parse_checked(parser, argv, FLAG_RANGES))
+    return parse_checked(parser, argv, FLAG_RANGES, check=check_args)
 
 
 FLAG_RANGES = {
