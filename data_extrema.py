@@ -389,7 +389,7 @@ def build_train_transform(
 
     With `color_on_device`, the views that have a colour part end as (uint8 image, colour parameters) pairs: the
     worker only decodes, crops and flips, and draws the colour choices (`ColorParameters`); `color_augment` applies
-    them to the whole batch on the accelerator. The colour part is ~70% of a worker's time on ImageNet JPEGs.
+    them to the whole batch on the accelerator. The colour part is most of a worker's time (docs/performance.md).
     """
     center = [v2.Resize(int(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
     crop = [v2.RandomResizedCrop(image_size, scale=(crop_min, 1.0), antialias=True), v2.RandomHorizontalFlip()]
@@ -585,7 +585,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
                     continue
                 # fork_rng: the per-image seed must not disturb the process RNG (it also drives drop path). Only the
                 # CPU generator draws here; torch.manual_seed would also queue a CUDA seeding, with its stack trace,
-                # per image (a third of the worker's time)
+                # per image
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(example_seed(self.seed, epoch, row["image"]))
                     views = view_fields(*self.transform(image))
@@ -653,26 +653,30 @@ def ignore_stop_signals(worker_id: int):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def training_batches(dataset, transform, args, noise_shape, position: StreamPosition, device):
-    """Micro-batches of one epoch (`position.epoch`) on this rank, from `position` on; updates `position` in place.
+def training_batches(
+    dataset, transform, noise_shape, position: StreamPosition, device, *, batch_size: int, num_workers: int, seed: int
+):
+    """Micro-batches of `batch_size` images of one epoch (`position.epoch`) on this rank, from `position` on, read by
+    `num_workers` DataLoader workers (at most one per shard); updates `position` in place.
 
-    `noise_shape`: one image's mask noise (`ExtremaConfig.mask_noise_shape`), see `TrainingStream`.
+    `noise_shape`: one image's mask noise (`ExtremaConfig.mask_noise_shape`); `seed`: the run's, from which every
+    image's augmentation and masks are drawn (see `TrainingStream`).
     """
     dataset.set_epoch(position.epoch)  # a new shard order and shuffle every epoch, the same on every rank
-    num_workers = min(args.num_workers, dataset.num_shards)
+    num_workers = min(num_workers, dataset.num_shards)
     if position.batches and position.num_workers != num_workers:
         raise UsageError(
             f"The checkpoint's stream was read by {position.num_workers} DataLoader workers, this run has "
             f"{num_workers}: resume with --num_workers {position.num_workers} to continue it exactly."
         )
     position.num_workers = num_workers
-    stream = TrainingStream(dataset, transform, args.seed, noise_shape, skip_rows=dict(position.rows))
+    stream = TrainingStream(dataset, transform, seed, noise_shape, skip_rows=dict(position.rows))
     loader = torch.utils.data.DataLoader(
         stream,
-        batch_size=args.per_device_train_batch_size,
+        batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(args.seed),  # so that making a loader never draws from the global RNG
+        generator=torch.Generator().manual_seed(seed),  # so that making a loader never draws from the global RNG
         worker_init_fn=ignore_stop_signals,
     )
     for batch in round_robin(loader, max(1, num_workers), position.batches % max(1, num_workers)):

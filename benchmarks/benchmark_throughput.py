@@ -54,8 +54,8 @@ import time
 from pathlib import Path
 
 # OpenMP threads that spin while they wait steal the cores of a shared machine and stall whenever one of them is
-# descheduled: on the shared 2-core CPU this project is developed on, steps ran 2-40x slower and erratically with the
-# default policy. PASSIVE (sleep while waiting) is read once, when torch loads; OMP_WAIT_POLICY=ACTIVE overrides it.
+# descheduled: on a shared CPU, steps run slower and erratically with the default policy (docs/performance.md).
+# PASSIVE (sleep while waiting) is read once, when torch loads; OMP_WAIT_POLICY=ACTIVE overrides it.
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -498,8 +498,9 @@ def training_loader_rate(dataset, transform, noise_shape, workers: int, device) 
     stream), each batch made ready by `device_views`: 8 timed batches per worker after each worker's first. Returns the
     rate and the workers used (at most one per shard)."""
     workers = min(workers, dataset.num_shards)
-    flags = argparse.Namespace(num_workers=workers, per_device_train_batch_size=32, seed=0)
-    batches = training_batches(dataset, transform, flags, noise_shape, StreamPosition(), device)
+    batches = training_batches(
+        dataset, transform, noise_shape, StreamPosition(), device, batch_size=32, num_workers=workers, seed=0
+    )
     for _ in range(max(workers, 1)):
         next(batches)
     start, count = time.perf_counter(), 0
