@@ -764,6 +764,12 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
         student, teacher = self._student_and_teacher_parameters()
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
+    @staticmethod
+    def teacher_momentum(step: int, total_steps: int, base_momentum: float) -> float:
+        """The momentum m of `update_teacher` at optimizer step `step` of `total_steps`: from base_momentum (the paper:
+        0.996) up to 1 on a half-cycle cosine (BYOL), so the teacher averages over ever more steps and ends fixed."""
+        return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
+
     def train(self, mode: bool = True):
         # The teacher is an inference-only network: no drop path or dropout whatever the student does.
         super().train(mode)

@@ -11,13 +11,22 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    py_modules=["configuration_extrema", "modeling_extrema", "data_extrema", "eval_extrema", "train_extrema"],
+    py_modules=[
+        "cli_extrema",
+        "configuration_extrema",
+        "modeling_extrema",
+        "data_extrema",
+        "eval_extrema",
+        "export_extrema",
+        "train_extrema",
+    ],
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
         "transformers>=5.0,<6",
         "datasets>=5.1",  # shuffle(max_buffer_input_shards=), split_dataset_by_node(strategy=)
         "accelerate>=1.0",
+        "timm>=1.0",  # the fine-tuning recipe: RandAugment, random erasing, Mixup / CutMix
         "safetensors>=0.4",
         "huggingface-hub>=0.30",
         "pillow",

@@ -3,7 +3,7 @@
 `official_extrema_train_shared.pt` (../shared/golden/README.md, "Golden training trajectory") holds the official
 `main.py` + `lib/builder.py` run from a released-layout checkpoint: each step's lr, EMA momentum and loss, and the
 weights after the sixth step. The test converts the initial checkpoint with scripts/convert_official_checkpoint.py
-and trains with what `train_extrema.main` uses: `parse_args` + `plan_schedule`, `get_lr` / `get_momentum`,
+and trains with what `train_extrema.main` uses: `parse_args` + `plan_schedule`, `get_lr` / `teacher_momentum`,
 `param_groups` in a fused AdamW, the model's forward and `update_teacher`.
 """
 
@@ -119,7 +119,7 @@ def train_like_the_official_code(golden: dict, tmp_path, args=None, build_model=
     trace = {"lr": [], "momentum": [], "loss": [], "key_bias_grad": []}
     for step in range(schedule.total_steps):
         lr = te.get_lr(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, args.min_learning_rate)
-        momentum = te.get_momentum(step, schedule.total_steps, args.ema_momentum)
+        momentum = ExtremaForPreTraining.teacher_momentum(step, schedule.total_steps, args.ema_momentum)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # The official forward starts with the EMA step of m_s, so step s's targets come from a teacher that has
