@@ -9,6 +9,9 @@ network that trains on a CPU in minutes:
 This file is shipped as remote code with every saved model, so it imports only `transformers`.
 """
 
+import math
+import numbers
+
 from transformers import AutoConfig, PretrainedConfig, UperNetConfig
 
 try:  # transformers >= 5.2 moved the backbone helpers out of `utils`
@@ -35,6 +38,24 @@ PRESETS = {
     "vit-small-patch16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     "vit-base-patch16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
     "vit-large-patch16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+}
+
+# The ranges of the numeric fields, checked before the checks that combine them (which would divide by zero)
+POSITIVE_INTEGER_FIELDS = (
+    "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "projector_hidden_size", "projection_dim", "predictor_hidden_size", "num_masks",
+)  # fmt: skip
+FIELD_RANGES = {  # name: (test, phrase)
+    "num_class_attention_layers": (lambda value: value >= 0 and value == int(value), "an integer >= 0"),
+    "mlp_ratio": (lambda value: value > 0, "greater than 0"),
+    "layer_norm_eps": (lambda value: value > 0, "greater than 0"),
+    "layer_scale_init_value": (lambda value: value >= 0, "at least 0"),
+    "drop_path_rate": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "attention_probs_dropout_prob": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "initializer_range": (lambda value: value >= 0, "at least 0"),
+    "mask_ratio": (lambda value: 0 <= value < 1, "in [0, 1); the paper uses 0.75-0.9"),
+    "infonce_temperature": (lambda value: value > 0, "greater than 0"),
+    "target_center_momentum": (lambda value: 0 <= value < 1, "in [0, 1)"),
 }
 
 
@@ -177,6 +198,16 @@ class ExtremaConfig(BackboneConfigMixin, PretrainedConfig):
 
     def validate_extrema(self):
         """Raise a `ValueError` that names the offending field (called on construction; call again after edits)."""
+        for name in POSITIVE_INTEGER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name, (valid, phrase) in FIELD_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+            if not valid(value):
+                raise ValueError(f"{name} must be {phrase}, got {value}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -190,10 +221,6 @@ class ExtremaConfig(BackboneConfigMixin, PretrainedConfig):
             raise ValueError(
                 f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})."
             )
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}; the paper uses 0.75-0.9.")
-        if self.num_masks < 1:
-            raise ValueError(f"num_masks must be at least 1, got {self.num_masks}.")
         if self.num_visible_patches < 1:
             raise ValueError(
                 f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}; lower it."
@@ -212,8 +239,6 @@ class ExtremaConfig(BackboneConfigMixin, PretrainedConfig):
             raise ValueError(f"head_norm must be 'layernorm' or 'batchnorm', got {self.head_norm!r}.")
         if self.target_centering not in ("none", "batch", "ema"):
             raise ValueError(f"target_centering must be 'none', 'batch' or 'ema', got {self.target_centering!r}.")
-        if not 0.0 <= self.target_center_momentum < 1.0:
-            raise ValueError(f"target_center_momentum must be in [0, 1), got {self.target_center_momentum}.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ExtremaConfig":

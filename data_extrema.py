@@ -42,6 +42,8 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torchvision.transforms import v2
 
+from cli_extrema import UsageError
+
 logger = logging.getLogger("data_extrema")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,10 +56,6 @@ FASHION_MNIST_CLASSES = (
 # img/label, WebDataset shards: jpg/cls ...). A column typed `Image` / `ClassLabel` is preferred over any name.
 IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
 LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target", "fine_label")
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or the data that the user can fix; printed without a traceback."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +255,26 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         background = PIL.Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB")  # L, I;16, P, CMYK, YCbCr, ...
+    if image.mode.startswith(("I", "F")):  # 16-bit, 32-bit integer or float pixels: scaled to 8 bits, not clipped
+        image = PIL.Image.fromarray(_to_uint8(np.asarray(image)))
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, ...
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Pixels of a wider type on 0-255: floats in [0, 1] and 16-bit integers by their type's range, anything else
+    (8-bit values stored in a wider type, float images in other units) by the values' own range."""
+    is_float = pixels.dtype.kind == "f"
+    pixels = np.nan_to_num(pixels.astype(np.float64))
+    low, high = float(pixels.min(initial=0)), float(pixels.max(initial=0))
+    if is_float and low >= 0 and high <= 1:
+        scale, low = 255.0, 0.0
+    elif low >= 0 and high <= 255:
+        scale, low = 1.0, 0.0
+    elif low >= 0 and high <= 65535:
+        scale, low = 255 / 65535, 0.0
+    else:
+        scale = 255 / max(high - low, 1e-12)
+    return np.clip(np.round((pixels - low) * scale), 0, 255).astype(np.uint8)
 
 
 _IMAGE_DECODER = datasets.Image()
@@ -628,26 +645,30 @@ def round_robin(loader, num_workers: int, first_worker: int):
             wanted = (wanted + 1) % num_workers
 
 
-def training_batches(dataset, transform, args, noise_shape, position: StreamPosition, device):
-    """Micro-batches of one epoch (`position.epoch`) on this rank, from `position` on; updates `position` in place.
+def training_batches(
+    dataset, transform, noise_shape, position: StreamPosition, device, *, batch_size: int, num_workers: int, seed: int
+):
+    """Micro-batches of `batch_size` images of one epoch (`position.epoch`) on this rank, from `position` on, read by
+    `num_workers` DataLoader workers (at most one per shard); updates `position` in place.
 
-    `noise_shape`: one image's mask noise (`ExtremaConfig.mask_noise_shape`), see `TrainingStream`.
+    `noise_shape`: one image's mask noise (`ExtremaConfig.mask_noise_shape`); `seed`: the run's, from which every
+    image's augmentation and masks are drawn (see `TrainingStream`).
     """
     dataset.set_epoch(position.epoch)  # a new shard order and shuffle every epoch, the same on every rank
-    num_workers = min(args.num_workers, dataset.num_shards)
+    num_workers = min(num_workers, dataset.num_shards)
     if position.batches and position.num_workers != num_workers:
         raise UsageError(
             f"The checkpoint's stream was read by {position.num_workers} DataLoader workers, this run has "
             f"{num_workers}: resume with --num_workers {position.num_workers} to continue it exactly."
         )
     position.num_workers = num_workers
-    stream = TrainingStream(dataset, transform, args.seed, noise_shape, skip_rows=dict(position.rows))
+    stream = TrainingStream(dataset, transform, seed, noise_shape, skip_rows=dict(position.rows))
     loader = torch.utils.data.DataLoader(
         stream,
-        batch_size=args.per_device_train_batch_size,
+        batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(args.seed),  # so that making a loader never draws from the global RNG
+        generator=torch.Generator().manual_seed(seed),  # so that making a loader never draws from the global RNG
     )
     for batch in round_robin(loader, max(1, num_workers), position.batches % max(1, num_workers)):
         worker = int(batch["worker"][0])

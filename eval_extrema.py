@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data_extrema import UsageError, build_eval_transform, labelled_loader
+from data_extrema import UsageError
 
 
 def _is_main_process() -> bool:
@@ -83,24 +83,13 @@ def weighted_knn(
         return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total}
 
 
-def knn_accuracy(backbone, builder, args, image_size: int, device) -> dict:
-    """Weighted kNN accuracy of a backbone: gallery from the training split, queries from the validation split.
-
-    `builder` is the open dataset, `args` the training script's flags: the data flags, --validation_split and the
-    kNN flags (--knn_train_samples, --knn_val_samples, --knn_k, --knn_temperature).
+def knn_accuracy(backbone, gallery, queries, device, k: int = 200, temperature: float = 0.07) -> dict:
+    """Weighted kNN accuracy (`weighted_knn`) of a backbone's features: the `queries` batches classified by their
+    neighbours among the `gallery` batches (loaders of {"pixel_values", "label"}, e.g. `data_extrema.labelled_loader`).
     """
-    transform = build_eval_transform(image_size)
-    gallery = labelled_loader(
-        args, args.train_split, transform, args.knn_train_samples, batch_size=256, builder=builder
-    )
-    queries = labelled_loader(
-        args, args.validation_split, transform, args.knn_val_samples, batch_size=256, builder=builder
-    )
     train_features, train_labels = extract_features(backbone, gallery, device)
     test_features, test_labels = extract_features(backbone, queries, device)
-    return weighted_knn(
-        train_features, train_labels, test_features, test_labels, k=args.knn_k, temperature=args.knn_temperature
-    )
+    return weighted_knn(train_features, train_labels, test_features, test_labels, k=k, temperature=temperature)
 
 
 def linear_probe_on_features(

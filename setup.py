@@ -11,7 +11,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    py_modules=["configuration_extrema", "modeling_extrema", "data_extrema", "eval_extrema", "export_extrema", "train_extrema"],
+    py_modules=[
+        "cli_extrema",
+        "configuration_extrema",
+        "modeling_extrema",
+        "data_extrema",
+        "eval_extrema",
+        "export_extrema",
+        "train_extrema",
+    ],
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

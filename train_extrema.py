@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import math
-import numbers
 import os
 import shutil
 import sys
@@ -49,10 +48,12 @@ from data_extrema import (
     StreamPosition,
     UsageError,
     add_data_args,
+    build_eval_transform,
     build_train_transform,
     count_examples,
     default_validation_split,
     device_views,
+    labelled_loader,
     load_raw_stream,
     open_dataset,
     rank_dataset,
@@ -155,7 +156,11 @@ RECIPES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a misspelt flag is an error, not a prefix of another flag
+    )
     parser.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
@@ -181,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--gradient_checkpointing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="recompute the student's activations in the backward pass: less memory, about a third more compute",
     )
     group.add_argument(
@@ -246,43 +252,68 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "wandb", "trackio", "none"))
     group.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N steps (0: at start and end)")
     group.add_argument("--knn_every_epochs", type=float, help="kNN accuracy every N epochs (overrides --knn_every)")
-    group.add_argument("--skip_knn", action="store_true", help="no kNN evaluation at all")
+    switch = dict(action=argparse.BooleanOptionalAction, default=False)  # --flag / --no-flag
+    group.add_argument("--skip_knn", **switch, help="no kNN evaluation at all")
     group.add_argument("--knn_train_samples", type=int, default=10_000, help="gallery: the first images of each shard")
     group.add_argument("--knn_val_samples", type=int, default=10_000, help="queries: the first images of each shard")
     group.add_argument("--knn_k", type=int, default=200)
     group.add_argument("--knn_temperature", type=float, default=0.07)
     group.add_argument("--export_every", type=int, help="also export the teacher backbone every N steps")
-    group.add_argument("--push_to_hub", action="store_true", help="upload <output_dir>/final to --hub_model_id")
+    group.add_argument("--push_to_hub", **switch, help="upload <output_dir>/final to --hub_model_id")
     group.add_argument("--hub_model_id", help="e.g. your-name/extrema-vit-base")
-    group.add_argument("--hub_private", action="store_true")
+    group.add_argument("--hub_private", **switch)
     return parser
 
 
 def parse_args(argv=None, **overrides) -> argparse.Namespace:
-    """The command line `argv` (default: sys.argv), with `overrides` as flag values given from Python; checked."""
-    parser = build_parser()
-    unknown = set(overrides) - {action.dest for action in parser._actions}
-    if unknown:
-        raise TypeError(f"Unknown training flags {sorted(unknown)}; see `python train_extrema.py --help`.")
-    parser.set_defaults(**overrides)
-    args = check_flags(parser, parser.parse_args(argv))
-    recipe = args.recipe
-    if recipe is None and not (args.dataset_name or args.train_dir):
-        recipe = "tiny-fashion-mnist"
-    if recipe:  # recipe values replace the defaults; flags given explicitly still win
-        defaults = dict(RECIPES[recipe])
-        if args.dataset_name or args.train_dir:  # the recipe on the user's data: not on the recipe's dataset
+    """The command line `argv` (default: sys.argv), with `overrides` as flag values given from Python; checked.
+
+    A recipe's values, then the `overrides`, then `argv` are read as one command line, in that order: a later flag
+    wins, so a flag given explicitly overrides its recipe's value, and argparse checks every value, whatever gave it.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = [*flags_as_argv(overrides), *argv]
+    recipe, on_own_data = choose_recipe(given)
+    defaults = {}
+    if recipe:
+        defaults = dict(RECIPES[recipe], recipe=recipe)
+        if on_own_data:  # the recipe on the user's data: not on the recipe's dataset
             for key in ("dataset_name", "dataset_config", "validation_split"):
                 defaults.pop(key, None)
-        parser.set_defaults(**{**defaults, **overrides})
-        args = check_flags(parser, parser.parse_args(argv))
-        args.recipe = recipe
+    parser = build_parser()
+    args = check_flags(parser, parser.parse_args([*flags_as_argv(defaults), *given]))
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/extrema-vit-base).")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not Path(args.resume_from_checkpoint).is_dir():
             parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder.")
     return args
+
+
+def choose_recipe(argv: list[str]) -> tuple[str | None, bool]:
+    """The recipe of a command line (--recipe; tiny-fashion-mnist when no data is given) and whether it names its own
+    data (--dataset_name or --train_dir): the three flags that decide which defaults the other flags have."""
+    chooser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    chooser.add_argument("--recipe", choices=sorted(RECIPES))
+    chooser.add_argument("--dataset_name")
+    chooser.add_argument("--train_dir")
+    chosen, _ = chooser.parse_known_args(argv)
+    on_own_data = bool(chosen.dataset_name or chosen.train_dir)
+    return chosen.recipe or (None if on_own_data else "tiny-fashion-mnist"), on_own_data
+
+
+def flags_as_argv(flags: dict) -> list[str]:
+    """Flag values given from Python as command-line text: {"num_masks": 2, "skip_knn": True} -> ["--num_masks", "2",
+    "--skip_knn"]. None is a flag not given; False is --no-<flag> (every switch is a BooleanOptionalAction)."""
+    argv = []
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv
 
 
 # The valid values of the numeric flags (a flag that is not given, None, is always valid), checked by `check_flags`
@@ -329,29 +360,14 @@ FLAG_RANGES = {
 
 
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Every flag's value of its type, among its choices and in its range (`FLAG_RANGES`); returns `args`.
-
-    argparse checks only the values it parses from text: values set from Python (`parse_args(**overrides)`,
-    `train(**flags)`) or by a recipe reach the namespace unchecked. A value of the wrong type is a TypeError, as an
-    unknown flag is; a value out of range ends the command with the flag's name (`parser.error`), as argparse does.
-    """
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if value is None or not action.option_strings:
-            continue
-        flag = action.option_strings[0]
-        if action.type in (int, float):
-            number = numbers.Integral if action.type is int else numbers.Real
-            if isinstance(value, bool) or not isinstance(value, number):
-                kind = "an integer" if action.type is int else "a number"
-                raise TypeError(f"{flag} takes {kind}, got {value!r} ({type(value).__name__}).")
-            if not math.isfinite(value):
-                parser.error(f"{flag} must be a finite number, got {value}.")
-        if action.choices is not None and value not in action.choices:
-            parser.error(f"argument {flag}: invalid choice: {value!r} (choose from {', '.join(action.choices)})")
-        valid, phrase = FLAG_RANGES.get(action.dest, (None, None))
-        if valid and not valid(value):
-            parser.error(f"{flag} must be {phrase}, got {value}.")
+    """Every float flag finite and every flag of `FLAG_RANGES` in its range; returns `args`. A value out of range
+    ends the command with the flag's name (`parser.error`), as argparse does for a value of the wrong type."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name} must be a finite number, got {value}.")
+        valid, phrase = FLAG_RANGES.get(name, (None, None))
+        if value is not None and valid and not valid(value):
+            parser.error(f"--{name} must be {phrase}, got {value}.")
     return args
 
 
@@ -361,20 +377,19 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
 
 def open_training_data(accelerator, args):
     """This rank's part of the training stream, the number of training images (None: unknown), the open dataset (for
-    the kNN monitor), and whether kNN accuracy can be monitored: labels and a validation split (--validation_split
-    is filled in from the dataset's splits when not given)."""
+    the kNN monitor), and the split the kNN monitor queries: --validation_split, else the dataset's own validation
+    split; None (no kNN accuracy) with --skip_knn or without labels or a validation split."""
     with accelerator.main_process_first():  # the Fashion-MNIST cache is built once, by the main process
         builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
     raw = load_raw_stream(builder, args.train_split, args.image_column, args.label_column)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     dataset = rank_dataset(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
-    knn_enabled = not args.skip_knn and "label" in raw.column_names
-    if knn_enabled and args.validation_split is None:
-        args.validation_split = default_validation_split(builder)
-        if args.validation_split is None:
+    validation_split = None
+    if not args.skip_knn and "label" in raw.column_names:
+        validation_split = args.validation_split or default_validation_split(builder)
+        if validation_split is None:
             logger.warning("No validation split (name one with --validation_split): no kNN accuracy.")
-            knn_enabled = False
-    return dataset, count_examples(builder, args.train_split), builder, knn_enabled
+    return dataset, count_examples(builder, args.train_split), builder, validation_split
 
 
 @dataclass
@@ -736,16 +751,25 @@ def stop_if_nonfinite(accelerator, loss: float, step: int, lr: float, position: 
     )
 
 
-def evaluate_knn(accelerator, backbone, builder, args, image_size: int, step: int, history: list) -> dict | None:
-    """kNN accuracy of the teacher, computed by the main process while the others wait; appended to `history`."""
+def knn_loaders(builder, args, validation_split: str, transform) -> tuple:
+    """The kNN monitor's gallery (--knn_train_samples training images) and queries (--knn_val_samples images of
+    `validation_split`): fixed subsets, the first images of every shard, the same at every evaluation."""
+    return tuple(
+        labelled_loader(args, split, transform, max_samples, batch_size=256, builder=builder)
+        for split, max_samples in ((args.train_split, args.knn_train_samples), (validation_split, args.knn_val_samples))
+    )
+
+
+def evaluate_knn(accelerator, backbone, loaders, args, step: int, history: list) -> dict | None:
+    """kNN accuracy of the teacher on `loaders` (gallery, queries), computed by the main process while the others
+    wait; appended to `history`."""
     result = None
     if accelerator.is_main_process:
         with accelerator.autocast():
-            result = knn_accuracy(backbone, builder, args, image_size, accelerator.device)
+            result = knn_accuracy(backbone, *loaders, accelerator.device, k=args.knn_k, temperature=args.knn_temperature)
         logger.info(
-            "step %d: kNN top-1 %.2f%%, top-5 %.2f%% (k=%d, %d gallery / %d %s images)",
+            "step %d: kNN top-1 %.2f%%, top-5 %.2f%% (k=%d, %d gallery / %d validation images)",
             step, result["top1"], result["top5"], args.knn_k, args.knn_train_samples, args.knn_val_samples,
-            args.validation_split,
         )  # fmt: skip
         accelerator.log({"knn/top1": result["top1"], "knn/top5": result["top5"]}, step=step)
     accelerator.wait_for_everyone()
@@ -867,11 +891,11 @@ def main(argv=None):
     output_dir, device = Path(args.output_dir), accelerator.device
 
     # Data: this rank's endless stream; an epoch is a fixed number of optimizer steps
-    dataset, num_examples, builder, knn_enabled = open_training_data(accelerator, args)
+    dataset, num_examples, builder, validation_split = open_training_data(accelerator, args)
     schedule = plan_schedule(args, num_examples, accelerator.num_processes)
-    args.per_device_train_batch_size = schedule.per_device_batch
+    knn_every = args.knn_every
     if args.knn_every_epochs:
-        args.knn_every = max(1, round(args.knn_every_epochs * schedule.steps_per_epoch))
+        knn_every = max(1, round(args.knn_every_epochs * schedule.steps_per_epoch))
 
     # Model and optimizer. The same seed on every rank gives the same initial weights.
     set_seed(args.seed)
@@ -890,7 +914,10 @@ def main(argv=None):
     recipe = recipe_summary(args, config, schedule)
     start_logging(accelerator, args, schedule, recipe, num_examples)
     knn_history = []  # the kNN curve: one {"step", "top1", "top5"} per evaluation
-    knn = partial(evaluate_knn, accelerator, unwrapped.teacher, builder, args, config.image_size, history=knn_history)
+    knn_enabled = validation_split is not None
+    if knn_enabled:  # the kNN monitor's fixed subsets: the first images of every shard of each split
+        loaders = knn_loaders(builder, args, validation_split, build_eval_transform(config.image_size))
+        knn = partial(evaluate_knn, accelerator, unwrapped.teacher, loaders, args, history=knn_history)
     knn_start = knn(step) if knn_enabled and step == 0 else None
 
     model.train()
@@ -901,7 +928,10 @@ def main(argv=None):
         if position.epoch != epoch:  # a new epoch (or a checkpoint taken at the end of the previous one)
             position, batches = StreamPosition(epoch=epoch), None
         if batches is None:
-            batches = training_batches(dataset, transform, args, config.mask_noise_shape, position, device)
+            batches = training_batches(
+                dataset, transform, config.mask_noise_shape, position, device,
+                batch_size=schedule.per_device_batch, num_workers=args.num_workers, seed=args.seed,
+            )  # fmt: skip
         lr = get_lr(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, args.min_learning_rate)
         momentum = ExtremaForPreTraining.teacher_momentum(step, schedule.total_steps, args.ema_momentum)
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == schedule.total_steps
@@ -919,7 +949,7 @@ def main(argv=None):
             save_checkpoint(accelerator, output_dir / f"checkpoint-{step}", step, position, args.keep_checkpoints)
         if step == schedule.total_steps:
             break
-        if knn_enabled and args.knn_every and step % args.knn_every == 0:
+        if knn_enabled and knn_every and step % knn_every == 0:
             knn(step)
             model.train()
         if args.export_every and step % args.export_every == 0:
@@ -932,7 +962,7 @@ def main(argv=None):
     del batches  # stops the DataLoader workers
 
     knn_end = knn(step) if knn_enabled else None
-    final = export_final(accelerator, unwrapped.teacher, args, recipe, step, knn_start, knn_end)
+    final = export_final(accelerator, unwrapped.teacher, args, recipe, step, knn_start, knn_end, validation_split)
     accelerator.end_training()
     return {
         "step": step, "loss": loss, "knn_start": knn_start, "knn_end": knn_end, "knn_history": knn_history,
@@ -945,29 +975,31 @@ def main(argv=None):
 # Export: the teacher backbone as a Hub-ready folder
 
 
-def export_teacher(accelerator, teacher, folder: Path, args, recipe: dict, knn: dict | None = None):
+def export_teacher(accelerator, teacher, folder: Path, args, recipe: dict, knn: dict | None = None, split=None):
+    """The teacher backbone as a Hub-ready folder (`export_extrema.export_backbone`), its card with the kNN accuracy
+    `knn` on the validation split `split` when given."""
     if accelerator.is_main_process:
         if args.dataset_name:
             data_ids = [args.dataset_name]
         else:
             data_ids = [] if args.train_dir else ["zalando-datasets/fashion_mnist"]
         if knn:
-            knn = dict(knn, k=args.knn_k, temperature=args.knn_temperature, split=args.validation_split)
+            knn = dict(knn, k=args.knn_k, temperature=args.knn_temperature, split=split)
         export_backbone(teacher, folder, model_id=args.hub_model_id, datasets=data_ids, recipe=recipe, knn=knn)
         logger.info("Exported the teacher backbone to %s", folder)
     accelerator.wait_for_everyone()
 
 
-def export_final(accelerator, teacher, args, recipe: dict, step: int, knn_start, knn_end) -> Path:
+def export_final(accelerator, teacher, args, recipe: dict, step: int, knn_start, knn_end, split) -> Path:
     """The end of a run: the kNN change printed, the teacher exported to <output_dir>/final (its card with the final
     kNN accuracy) and, with --push_to_hub, uploaded; returns the folder."""
     if knn_start and knn_end and accelerator.is_main_process:
         print(
-            f"kNN top-1 on {args.validation_split}: {knn_start['top1']:.2f}% at initialisation -> "
+            f"kNN top-1 on {split}: {knn_start['top1']:.2f}% at initialisation -> "
             f"{knn_end['top1']:.2f}% after {step} steps"
         )
     final = Path(args.output_dir) / "final"
-    export_teacher(accelerator, teacher, final, args, recipe, knn_end)
+    export_teacher(accelerator, teacher, final, args, recipe, knn_end, split)
     if args.push_to_hub and accelerator.is_main_process:
         push_to_hub(final, args.hub_model_id, args.hub_private, commit_message=f"ExtreMA, step {step}")
     return final

@@ -11,16 +11,27 @@ from pathlib import Path
 
 import datasets
 import torch
+from safetensors import SafetensorError
 from torchvision.transforms import v2
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from cli_extrema import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    SEED,
+    check_finite,
+    check_ranges,
+    prepare_output_dir,
+    run_cli,
+)
 from data_extrema import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     UsageError,
     add_data_args,
     count_examples,
+    decode_image,
     default_validation_split,
     load_image_stream,
     load_raw_stream,
@@ -34,6 +45,11 @@ def add_eval_args(parser, batch_size: int = 256):
     parser.add_argument(
         "--model_name_or_path", required=True, help="an ExtreMA folder (e.g. <train output_dir>/final) or Hub id"
     )
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run the model folder's own Python code instead of this project's classes (only for folders you trust)",
+    )
     parser.add_argument("--output_dir", required=True, help="results.json (and PNGs) are written here")
     # with DataLoader workers, "the first N" are the first N / workers of each worker's shards: a fixed subset
     parser.add_argument("--max_train_samples", type=int, help="use only the first N images of the training split")
@@ -42,6 +58,30 @@ def add_eval_args(parser, batch_size: int = 256):
     parser.add_argument("--seed", type=int, default=0)
     add_data_args(parser)
     return parser
+
+
+# The ranges of the flags above and of add_image_args (see cli_extrema.check_ranges); each script adds its own.
+EVAL_RANGES = {
+    "max_train_samples": AT_LEAST_1,
+    "max_eval_samples": AT_LEAST_1,
+    "batch_size": AT_LEAST_1,
+    "seed": SEED,
+    "num_workers": AT_LEAST_0,
+    "shuffle_buffer_size": AT_LEAST_0,
+    "image_index": AT_LEAST_0,
+    "panel_size": (lambda value: value >= 16, "at least 16 (pixels)"),
+}
+
+
+def parse_checked(parser, argv=None, ranges: dict | None = None, check=None):
+    """Parse `argv`, check every flag against EVAL_RANGES and the script's `ranges` (and with `check(args)`, which
+    raises a UsageError), then create and write-probe --output_dir: a mistake stops the script before any work, and
+    nothing is written from invalid settings."""
+    args = check_ranges(parser.parse_args(argv), {**EVAL_RANGES, **(ranges or {})})
+    if check is not None:
+        check(args)
+    prepare_output_dir(args.output_dir)
+    return args
 
 
 def add_image_args(parser):
@@ -55,31 +95,123 @@ def add_image_args(parser):
 # Models: any saved ExtreMA as a backbone, or as a classifier around it
 
 
-def load_extrema(name_or_path: str, **kwargs):
+def read_model_config(name_or_path: str) -> dict:
+    """The config.json of a model folder or Hub repo, read as JSON: none of the folder's code runs."""
+    path = Path(name_or_path)
+    if path.is_file():
+        raise UsageError(f"--model_name_or_path {name_or_path} is a file; pass the model's folder (with config.json).")
+    if path.is_dir():
+        file = path / "config.json"
+        if not file.is_file():
+            raise UsageError(
+                f"--model_name_or_path {name_or_path} has no config.json; pass a folder exported by train_extrema.py "
+                "(<output_dir>/final) or converted by scripts/convert_official_checkpoint.py."
+            )
+    elif path.is_absolute() or str(name_or_path).startswith(".") or str(name_or_path).count("/") > 1:
+        raise UsageError(f"--model_name_or_path {name_or_path} does not exist; pass a model folder or a Hub id.")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(str(name_or_path), "config.json"))
+        except Exception as error:  # not a repo id, offline, no such repo, no access
+            raise UsageError(
+                f"--model_name_or_path {name_or_path!r} is neither a folder nor a Hub model this machine can reach "
+                f"({first_line(error)})."
+            ) from error
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{file} is not a JSON file ({first_line(error)}); export or download the model again.")
+    if not isinstance(config, dict):
+        raise UsageError(f"{file} is not a model configuration (a JSON object); export or download it again.")
+    return config
+
+
+def first_line(error, limit: int = 300) -> str:
+    """The first line of an exception's message, shortened: what a one-line error can quote."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def register_auto_classes():
+    """Map model_type "extrema" to the installed classes in transformers' Auto classes, so that AutoConfig / AutoModel
+    & co. load ExtreMA folders with this project's code, without trust_remote_code."""
+    from transformers import (
+        AutoBackbone,
+        AutoConfig,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoModelForPreTraining,
+    )
+
+    from configuration_extrema import ExtremaConfig
+    from modeling_extrema import ExtremaBackbone, ExtremaForImageClassification, ExtremaForPreTraining, ExtremaModel
+
+    AutoConfig.register("extrema", ExtremaConfig, exist_ok=True)
+    for auto, model_class in (
+        (AutoModel, ExtremaModel),
+        (AutoModelForPreTraining, ExtremaForPreTraining),
+        (AutoModelForImageClassification, ExtremaForImageClassification),
+        (AutoBackbone, ExtremaBackbone),
+    ):
+        auto.register(ExtremaConfig, model_class, exist_ok=True)
+
+
+def load_extrema(name_or_path: str, trust_remote_code: bool = False, **kwargs):
     """The ExtreMA backbone (`ExtremaModel`) of a folder or Hub repo, in eval mode.
 
     Folders of the pre-training model (student + teacher) give their teacher and classification folders their
-    backbone, so any saved ExtreMA model can be evaluated. Anything else is refused before its weights are read.
+    backbone, so any saved ExtreMA model can be evaluated. config.json is read as JSON first and anything but an
+    ExtreMA model is refused before any of its code or weights is read. The installed classes load the model;
+    `trust_remote_code` (--trust_remote_code) runs the folder's own configuration_/modeling_extrema.py instead.
+    Weights that cannot be read (a truncated or corrupt model.safetensors) or are not finite are refused.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"Cannot read a model configuration from {name_or_path!r}: {error}") from error
-    if config.model_type != "extrema":
+    config = read_model_config(name_or_path)
+    if config.get("model_type") != "extrema":
         raise UsageError(
-            f"{name_or_path!r} is a {config.model_type!r} model, not ExtreMA (config model_type 'extrema'). Pass a "
-            "folder exported by train_extrema.py (<output_dir>/final) or converted with "
+            f"{name_or_path!r} is a {config.get('model_type')!r} model, not ExtreMA (config model_type 'extrema'). "
+            "Pass a folder exported by train_extrema.py (<output_dir>/final) or converted with "
             "scripts/convert_official_checkpoint.py."
         )
-    architectures = config.architectures or []
-    if "ExtremaForPreTraining" in architectures:
-        model = AutoModelForPreTraining.from_pretrained(name_or_path, trust_remote_code=True, **kwargs).teacher
-    elif "ExtremaForImageClassification" in architectures:
-        model = AutoModelForImageClassification.from_pretrained(name_or_path, trust_remote_code=True, **kwargs).extrema
+    architectures = config.get("architectures") or []
+    if trust_remote_code:
+        classes, kwargs = (AutoModelForPreTraining, AutoModelForImageClassification, AutoModel), {
+            **kwargs, "trust_remote_code": True}  # fmt: skip
     else:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, **kwargs)
+        import modeling_extrema
+        from configuration_extrema import ExtremaConfig
+
+        register_auto_classes()
+        classes = (
+            modeling_extrema.ExtremaForPreTraining,
+            modeling_extrema.ExtremaForImageClassification,
+            modeling_extrema.ExtremaModel,
+        )
+        try:
+            kwargs["config"] = ExtremaConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError, TypeError) as error:
+            raise UsageError(f"The config.json of {name_or_path} is invalid: {first_line(error)}") from error
+    try:
+        if "ExtremaForPreTraining" in architectures:
+            model = classes[0].from_pretrained(name_or_path, **kwargs).teacher
+        elif "ExtremaForImageClassification" in architectures:
+            model = classes[1].from_pretrained(name_or_path, **kwargs).extrema
+        else:
+            model = classes[2].from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as error:
+        raise UsageError(
+            f"Cannot load the model {name_or_path}: {first_line(error)}. A truncated or corrupt model.safetensors "
+            "gives this: export, convert or download the model again."
+        ) from error
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(
+                f"The weights of {name_or_path} are not finite (NaN or inf in {name}); nothing can be measured with "
+                "them. Use an earlier checkpoint or export."
+            )
     return model.eval()
 
 
@@ -152,12 +284,20 @@ def image_stream(args, split: str, max_samples: int | None = None):
     return stream
 
 
+def read_image_file(path, flag: str):
+    """An image file as an RGB PIL image, decoded as training decodes (16-bit and float pixels scaled to 8 bits)."""
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} {path} is not a file; give the path of an image (PNG, JPEG, TIFF...).")
+    image = decode_image(str(path))
+    if image is None:
+        raise UsageError(f"{flag} {path} cannot be read as an image; give a PNG, JPEG, TIFF... file.")
+    return image
+
+
 def load_image(args):
     """One RGB PIL image: the file --image, else image number --image_index of --train_split."""
-    import PIL.Image
-
     if args.image:
-        return PIL.Image.open(args.image).convert("RGB")
+        return read_image_file(args.image, "--image")
     row = next(iter(image_stream(args, args.train_split).skip(args.image_index).take(1)), None)
     if row is None:
         raise UsageError(
@@ -348,6 +488,7 @@ COLORS = [(1.0, 0.1, 0.1), (0.1, 0.8, 0.1), (0.2, 0.4, 1.0), (0.9, 0.1, 0.9), (0
 
 def write_results(output_dir, results: dict) -> Path:
     """Write <output_dir>/results.json and print it, leaving long lists (maps, rankings) out of the print."""
+    check_finite("results", results)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "results.json"
@@ -358,8 +499,5 @@ def write_results(output_dir, results: dict) -> Path:
 
 
 def run(main):
-    """Run a script's main(), printing user errors without a traceback."""
-    try:
-        main()
-    except UsageError as error:
-        sys.exit(f"error: {error}")
+    """Run a script's main() from the command line: user errors as one line, without a traceback (`run_cli`)."""
+    run_cli(main)

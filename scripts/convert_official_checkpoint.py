@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cli_extrema import AT_LEAST_1, FRACTION, UsageError, check_ranges, prepare_output_dir, run_cli
 from configuration_extrema import ExtremaConfig
 from export_extrema import export_backbone
 from modeling_extrema import ExtremaForPreTraining, ExtremaModel
@@ -39,13 +40,20 @@ ENCODER_RENAMES = [
 
 
 def load_official_state_dict(path) -> dict:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise UsageError(f"--checkpoint {path} is not a file; give the official .pth file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and tensor errors of a file that is not a torch.save checkpoint
+        raise UsageError(
+            f"--checkpoint {path} is not a PyTorch checkpoint ({type(error).__name__}); is the download complete?"
+        ) from error
     if isinstance(checkpoint, dict) and "checkpoint" in checkpoint:  # the golden-vector file wraps the release layout
         checkpoint = checkpoint["checkpoint"]
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not any("encoder." in k for k in state_dict):
-        raise ValueError(
-            f"{path} is not an official ExtreMA checkpoint: expected a dict with 'state_dict' holding "
+        raise UsageError(
+            f"--checkpoint {path} is not an official ExtreMA checkpoint: expected a dict with 'state_dict' holding "
             "'module.base_encoder.*' / 'module.momentum_encoder.*' tensors."
         )
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
@@ -125,13 +133,20 @@ def main(argv=None):
     parser.add_argument("--num_attention_heads", type=int, default=None, help="default: hidden size / 64")
     parser.add_argument("--mask_ratio", type=float, default=0.8, help="recorded in the config (pre-training recipe)")
     parser.add_argument("--num_masks", type=int, default=1, help="recorded in the config (pre-training recipe)")
-    args = parser.parse_args(argv)
+    args = check_ranges(parser.parse_args(argv), FLAG_RANGES)
+    prepare_output_dir(args.output_dir)
 
     state_dict = load_official_state_dict(args.checkpoint)
-    config = config_from_state_dict(
-        state_dict, args.num_attention_heads, mask_ratio=args.mask_ratio, num_masks=args.num_masks
-    )
-    model = convert(state_dict, config, encoder=args.encoder, full=args.full)
+    try:
+        config = config_from_state_dict(
+            state_dict, args.num_attention_heads, mask_ratio=args.mask_ratio, num_masks=args.num_masks
+        )
+        model = convert(state_dict, config, encoder=args.encoder, full=args.full)
+    except (KeyError, ValueError, RuntimeError) as error:  # a tensor missing, unexpected, or of another shape
+        raise UsageError(
+            f"--checkpoint {args.checkpoint} does not have the official ExtreMA layout ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); check --num_attention_heads."
+        ) from error
 
     source = Path(args.checkpoint).name
     if args.full:  # everything, to continue pre-training: AutoModelForPreTraining.from_pretrained(output_dir, ...)
@@ -147,5 +162,8 @@ def main(argv=None):
     print(f"Converted {source} ({config.num_hidden_layers} layers, width {config.hidden_size}) -> {args.output_dir}")
 
 
+FLAG_RANGES = {"num_attention_heads": AT_LEAST_1, "mask_ratio": FRACTION, "num_masks": AT_LEAST_1}
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)

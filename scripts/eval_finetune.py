@@ -38,12 +38,14 @@ from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE, UNIT_INTERVAL
 from _eval_common import (
     UsageError,
     add_eval_args,
     build_classifier,
     evaluate,
     load_extrema,
+    parse_checked,
     resolve_validation_split,
     run,
     split_size_and_classes,
@@ -104,29 +106,33 @@ def parse_args(argv=None):
     group.add_argument("--eval_every_epochs", type=int, default=0, help="evaluate every N epochs (0: at the end only)")
     group.add_argument("--logging_steps", type=int, default=10)
     group.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "wandb", "trackio", "none"))
-    return check_args(parser.parse_args(argv))
+    return parse_checked(parser, argv, FLAG_RANGES, check=check_args)
+
+
+FLAG_RANGES = {
+    "learning_rate": POSITIVE,
+    "min_learning_rate": AT_LEAST_0,
+    "layer_decay": OPEN_UNIT,
+    "weight_decay": AT_LEAST_0,
+    "num_train_epochs": AT_LEAST_1,
+    "warmup_epochs": AT_LEAST_0,
+    "drop_path_rate": FRACTION,
+    "max_grad_norm": AT_LEAST_0,
+    "reprob": UNIT_INTERVAL,
+    "label_smoothing": FRACTION,
+    "mixup": AT_LEAST_0,
+    "cutmix": AT_LEAST_0,
+    "num_labels": (lambda value: value >= 2, "at least 2"),
+    "label_fraction": OPEN_UNIT,
+    "keep_checkpoints": AT_LEAST_0,
+    "stop_after_steps": AT_LEAST_0,
+    "eval_every_epochs": AT_LEAST_0,
+    "logging_steps": AT_LEAST_1,
+}
 
 
 def check_args(args):
-    """Refuse out-of-range settings before anything is written (UsageError: one line, no traceback)."""
-    checks = [
-        ("--layer_decay", args.layer_decay, 0 < args.layer_decay <= 1, "in (0, 1]"),
-        ("--reprob", args.reprob, 0 <= args.reprob <= 1, "in [0, 1]"),
-        ("--label_smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)"),
-        ("--mixup", args.mixup, args.mixup >= 0, "at least 0"),
-        ("--cutmix", args.cutmix, args.cutmix >= 0, "at least 0"),
-        ("--drop_path_rate", args.drop_path_rate, 0 <= args.drop_path_rate < 1, "in [0, 1)"),
-        ("--learning_rate", args.learning_rate, args.learning_rate > 0, "greater than 0"),
-        ("--weight_decay", args.weight_decay, args.weight_decay >= 0, "at least 0"),
-        ("--num_train_epochs", args.num_train_epochs, args.num_train_epochs >= 1, "at least 1"),
-        ("--warmup_epochs", args.warmup_epochs, args.warmup_epochs >= 0, "at least 0"),
-        ("--batch_size", args.batch_size, args.batch_size >= 1, "at least 1"),
-        ("--eval_every_epochs", args.eval_every_epochs, args.eval_every_epochs >= 0, "at least 0"),
-        ("--logging_steps", args.logging_steps, args.logging_steps >= 1, "at least 1"),
-    ]
-    for flag, value, valid, phrase in checks:
-        if not valid:
-            raise UsageError(f"{flag} must be {phrase}, got {value}.")
+    """The settings that FLAG_RANGES cannot check (parse_checked checks those): refused before anything is written."""
     if args.checkpointing_steps not in ("epoch", "no") and not (
         args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0
     ):
@@ -278,7 +284,7 @@ def main(argv=None):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
     )
     set_seed(args.seed)
-    backbone = load_extrema(args.model_name_or_path)
+    backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     image_size = backbone.config.image_size
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
@@ -299,6 +305,11 @@ def main(argv=None):
 
     total_batch = args.batch_size * accelerator.num_processes
     peak_lr = args.learning_rate * total_batch / 256
+    if args.min_learning_rate > peak_lr:
+        raise UsageError(
+            f"--min_learning_rate {args.min_learning_rate} is above the peak lr {peak_lr:.3g} (--learning_rate x "
+            f"batch {total_batch} / 256): the cosine would raise the lr; lower --min_learning_rate."
+        )
     groups = layer_decay_param_groups(model, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(
         [{**group, "lr": peak_lr * group["lr_scale"]} for group in groups], lr=peak_lr, betas=(0.9, 0.999)

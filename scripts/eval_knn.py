@@ -13,10 +13,20 @@ import argparse
 from pathlib import Path
 
 from accelerate import Accelerator
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from _eval_common import UsageError, add_eval_args, load_extrema, resolve_validation_split, run, write_results
+from _eval_common import (
+    UsageError,
+    add_eval_args,
+    load_extrema,
+    parse_checked,
+    resolve_validation_split,
+    run,
+    write_results,
+)
+from cli_extrema import AT_LEAST_1, POSITIVE
 from data_extrema import build_eval_transform, labelled_loader
 from eval_extrema import extract_features, weighted_knn
 
@@ -27,7 +37,10 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts to report")
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--overwrite_cache", action="store_true", help="extract the features again")
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv, FLAG_RANGES)
+
+
+FLAG_RANGES = {"k": AT_LEAST_1, "temperature": POSITIVE}
 
 
 def cached_features(backbone, args, split, max_samples, device):
@@ -49,6 +62,11 @@ def cached_features(backbone, args, split, max_samples, device):
                 return cache.get_tensor("features"), cache.get_tensor("labels")
     loader = labelled_loader(args, split, build_eval_transform(backbone.config.image_size), max_samples)
     features, labels = extract_features(backbone, loader, device)
+    if not torch.isfinite(features).all():
+        raise UsageError(
+            f"The features of the split {split!r} are not finite (NaN or inf): the model's outputs are broken; "
+            "nothing was written. Use an earlier checkpoint or export."
+        )
     if (labels < 0).any():
         raise UsageError(
             f"{int((labels < 0).sum())} images of the split {split!r} have no label (-1), as in some Hub test "
@@ -62,7 +80,7 @@ def cached_features(backbone, args, split, max_samples, device):
 def main(argv=None):
     args = parse_args(argv)
     device = Accelerator().device
-    backbone = load_extrema(args.model_name_or_path).to(device)
+    backbone = load_extrema(args.model_name_or_path, args.trust_remote_code).to(device)
     validation_split = resolve_validation_split(args)
     train_features, train_labels = cached_features(backbone, args, args.train_split, args.max_train_samples, device)
     test_features, test_labels = cached_features(backbone, args, validation_split, args.max_eval_samples, device)

@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE
 from _eval_common import (
     UsageError,
     add_eval_args,
     build_classifier,
     evaluate,
     load_extrema,
+    parse_checked,
     resolve_validation_split,
     run,
     split_size_and_classes,
@@ -107,7 +109,19 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     parser.set_defaults(**PROTOCOLS[args.protocol])
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv, FLAG_RANGES)
+
+
+FLAG_RANGES = {
+    "learning_rate": POSITIVE,
+    "weight_decay": AT_LEAST_0,
+    "momentum": FRACTION,
+    "total_batch_size": AT_LEAST_1,
+    "num_train_epochs": AT_LEAST_1,
+    "warmup_epochs": AT_LEAST_0,
+    "num_labels": (lambda value: value >= 2, "at least 2"),
+    "label_fraction": OPEN_UNIT,
+}
 
 
 def accumulation_steps(total_batch_size: int | None, batch_size: int, num_processes: int) -> int:
@@ -129,7 +143,7 @@ def main(argv=None):
         args.total_batch_size, args.batch_size, accelerator.num_processes
     )
     set_seed(args.seed)
-    backbone = load_extrema(args.model_name_or_path)
+    backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     image_size = backbone.config.image_size
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from cli_extrema import AT_LEAST_1, FRACTION, POSITIVE
 from _eval_common import (
     add_eval_args,
     add_image_args,
@@ -29,6 +30,7 @@ from _eval_common import (
     load_extrema,
     load_image,
     normalize,
+    parse_checked,
     resize_panel,
     run,
     save_grid,
@@ -45,7 +47,15 @@ def parse_args(argv=None):
     parser.add_argument("--num_steps", type=int, default=1000, help="optimisation steps of the generator")
     parser.add_argument("--learning_rate", type=float, default=0.01)
     parser.add_argument("--generator_channels", type=int, default=64)
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv, FLAG_RANGES)
+
+
+FLAG_RANGES = {
+    "mask_ratios": FRACTION,  # 1.0 would leave no patch visible
+    "num_steps": AT_LEAST_1,
+    "learning_rate": POSITIVE,
+    "generator_channels": AT_LEAST_1,
+}
 
 
 class Generator(nn.Module):
@@ -100,7 +110,7 @@ def main(argv=None):
     args = parse_args(argv)
     set_seed(args.seed)
     device = Accelerator().device
-    backbone = load_extrema(args.model_name_or_path).to(device)
+    backbone = load_extrema(args.model_name_or_path, args.trust_remote_code).to(device)
     backbone.requires_grad_(False)  # only the generator learns
     config = backbone.config
     pixel_values = build_eval_transform(config.image_size)(load_image(args))[None].to(device)  # (1, 3, S, S)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torchvision.transforms import v2
 
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, OPEN_UNIT
 from _eval_common import (
     UsageError,
     add_eval_args,
@@ -30,6 +31,8 @@ from _eval_common import (
     load_extrema,
     load_image,
     normalize,
+    parse_checked,
+    read_image_file,
     resize_panel,
     run,
     save_grid,
@@ -51,7 +54,16 @@ def parse_args(argv=None):
     parser.add_argument("--query_image", help="take the query from this image file instead")
     parser.add_argument("--query_image_index", type=int, help="... or from this image of --train_split")
     parser.add_argument("--query_box", help="x0,y0,x1,y1 fractions of the query image (default: all of it)")
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv, FLAG_RANGES)
+
+
+FLAG_RANGES = {
+    "scales": OPEN_UNIT,  # a box side larger than the image does not fit in it
+    "num_locations": AT_LEAST_1,
+    "query_box_index": AT_LEAST_0,
+    "query_jitter": AT_LEAST_0,
+    "query_image_index": AT_LEAST_0,
+}
 
 
 def sample_boxes(width: int, height: int, scales, num_locations: int, seed: int) -> list[tuple[int, int, int, int]]:
@@ -92,9 +104,7 @@ def query_crop(args, image: torch.Tensor, boxes):
     """(query image (3, H, W) uint8, query box in its pixels, index of the gallery box it came from or None)."""
     if args.query_image or args.query_image_index is not None:
         if args.query_image:
-            import PIL.Image
-
-            query_image = v2.functional.to_image(PIL.Image.open(args.query_image).convert("RGB"))
+            query_image = v2.functional.to_image(read_image_file(args.query_image, "--query_image"))
         else:
             row = next(iter(image_stream(args, args.train_split).skip(args.query_image_index).take(1)), None)
             if row is None:
@@ -108,7 +118,10 @@ def query_crop(args, image: torch.Tensor, boxes):
                round(fractions[3] * height))  # fmt: skip
         return query_image, box, None
     if not 0 <= args.query_box_index < len(boxes):
-        raise UsageError(f"--query_box_index must be in [0, {len(boxes) - 1}].")
+        raise UsageError(
+            f"--query_box_index {args.query_box_index} is past the {len(boxes)} gallery boxes (--scales: "
+            f"{len(args.scales)} x --num_locations {args.num_locations}); pick one in [0, {len(boxes) - 1}]."
+        )
     # the source box moved by `jitter` of its side along x and y, kept inside the image
     x0, y0, x1, y1 = boxes[args.query_box_index]
     height, width = image.shape[-2:]
@@ -121,7 +134,7 @@ def query_crop(args, image: torch.Tensor, boxes):
 def main(argv=None):
     args = parse_args(argv)
     set_seed(args.seed)
-    backbone = load_extrema(args.model_name_or_path)
+    backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     size = backbone.config.image_size
     image = v2.functional.to_image(load_image(args))  # (3, H, W) uint8
     height, width = image.shape[-2:]

@@ -28,6 +28,7 @@ from _eval_common import (
     load_extrema,
     load_image,
     overlay,
+    parse_checked,
     resize_panel,
     run,
     save_grid,
@@ -48,7 +49,7 @@ def parse_args(argv=None):
         default=["0.3,0.3", "0.7,0.3", "0.3,0.7", "0.7,0.7"],
         help="query points as x,y fractions of the image width and height (default: four points)",
     )
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv)
 
 
 def query_patches(queries: list[str], grid_size: int) -> list[int]:
@@ -80,7 +81,7 @@ def attention_maps(backbone, pixel_values: torch.Tensor, patches: list[int]):
 def main(argv=None):
     args = parse_args(argv)
     set_seed(args.seed)
-    backbone = load_extrema(args.model_name_or_path)
+    backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     config = backbone.config
     pixel_values = build_eval_transform(config.image_size)(load_image(args))[None]  # (1, 3, S, S)
     grid = config.image_size // config.patch_size

@@ -6,7 +6,10 @@ import subprocess
 import sys
 import textwrap
 
-PROJECT_MODULES = ("configuration_extrema", "modeling_extrema", "data_extrema", "eval_extrema", "export_extrema", "train_extrema")
+PROJECT_MODULES = (
+    "cli_extrema", "configuration_extrema", "modeling_extrema", "data_extrema", "eval_extrema", "export_extrema",
+    "train_extrema",
+)  # fmt: skip
 
 # A meta-path finder placed first refuses the project's top-level modules, whatever installed them (an editable
 # install's finder, a .pth file, the working directory). Remote code loads as `transformers_modules.<...>` and passes.

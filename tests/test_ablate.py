@@ -1,4 +1,4 @@
-"""scripts/ablate.py: variants, resumable results, table and plot (the training itself is replaced by a stub)."""
+"""benchmarks/ablate.py: variants, resumable results, table and plot (the training itself is replaced by a stub)."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import ablate  # noqa: E402
 
 

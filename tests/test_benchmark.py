@@ -1,9 +1,9 @@
-"""The analytic FLOP counts of scripts/benchmark_throughput.py, and a GPU check that a training step never syncs.
+"""The analytic FLOP counts of benchmarks/benchmark_throughput.py, and a GPU check that a training step never syncs.
 
 `torch.utils.flop_counter.FlopCounterMode` counts the matmuls and convolutions that actually run in a training
 step (forward and backward); the benchmark's closed-form counts must equal it exactly, so its MFU is honest.
 Eager attention is used because the counter does not see inside the CPU sdpa kernel. Speed itself is never
-asserted here: the benchmark prints it. The CUDA test runs in scripts/gpu_check.sh and skips without a GPU.
+asserted here: the benchmark prints it. The CUDA test runs in benchmarks/gpu_check.sh and skips without a GPU.
 """
 
 import sys
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from benchmark_throughput import extrema_flops, vitmae_flops  # noqa: E402
 
 from configuration_extrema import ExtremaConfig  # noqa: E402
@@ -69,7 +69,7 @@ def test_vitmae_flops_match_flop_counter():
     assert sum(vitmae_flops(config).values()) == counted
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by scripts/gpu_check.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
 def test_cuda_training_step_never_waits_for_the_gpu():
     # The whole step (masking, forward, backward, fused AdamW, EMA) only queues GPU work: a host sync in it would
     # stall the pipeline every step. set_sync_debug_mode("error") raises on any synchronising call.

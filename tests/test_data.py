@@ -165,7 +165,7 @@ def test_color_on_device_makes_the_random_choices_of_the_cpu_path(augmentation):
     assert sorted(fields) == sent[augmentation]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by scripts/gpu_check.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
 def test_cuda_color_augment_never_waits_and_matches_the_cpu():
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -266,7 +266,10 @@ def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
 
 def take_batches(dataset, args, position, count):
     transform = de.build_train_transform("shared_crop_color", 32, color_on_device=args.color_on_device)
-    batches = de.training_batches(dataset, transform, args, (64,), position, torch.device("cpu"))
+    batches = de.training_batches(
+        dataset, transform, (64,), position, torch.device("cpu"),
+        batch_size=args.per_device_train_batch_size, num_workers=args.num_workers, seed=args.seed,
+    )  # fmt: skip
     return [next(batches) for _ in range(count)]
 
 

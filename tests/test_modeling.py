@@ -498,6 +498,13 @@ def test_feature_extraction_pipeline(tiny_config, tmp_path):
         ({"head_norm": "groupnorm"}, "head_norm must be"),
         ({"target_centering": "mean"}, "target_centering must be"),
         ({"target_center_momentum": 1.0}, r"target_center_momentum must be in \[0, 1\)"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+        ({"patch_size": 0}, "patch_size must be a positive integer"),
+        ({"num_hidden_layers": -2}, "num_hidden_layers must be a positive integer"),
+        ({"hidden_size": 32.5}, "hidden_size must be a positive integer"),
+        ({"num_masks": 0}, "num_masks must be a positive integer"),
+        ({"infonce_temperature": 0.0}, "infonce_temperature must be greater than 0"),
+        ({"drop_path_rate": float("nan")}, "drop_path_rate must be a finite number"),
     ],
 )
 def test_bad_config_raises_a_clear_error(tiny_config, overrides, message):

@@ -5,7 +5,6 @@ Everything runs on tiny Parquet datasets written by `_train_data.py`, the `tiny`
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,7 +338,7 @@ def test_flags_from_python_act_like_the_command_line():
         "byol", "batch", "batchnorm", 10.0,
     )  # fmt: skip
     assert recipe.dataset_name is None and recipe.knn_k == 20 and recipe.knn_every_epochs == 1
-    with pytest.raises(TypeError, match="Unknown training flags.*learning_rat"):
+    with pytest.raises(SystemExit):  # as on the command line: argparse names the unknown flag
         te.parse_args([], learning_rat=1e-3)
 
 
@@ -369,14 +368,16 @@ def test_flags_out_of_range_are_refused_by_name(argv, overrides, message, capsys
     assert message in capsys.readouterr().err
 
 
-def test_flags_from_python_must_have_the_flags_type():
+def test_flags_from_python_must_have_the_flags_type(capsys):
     for flags, message in [
-        ({"max_train_steps": 2.5}, "--max_train_steps takes an integer, got 2.5"),
-        ({"learning_rate": [1e-3]}, "--learning_rate takes a number, got [0.001]"),
-        ({"num_workers": True}, "--num_workers takes an integer, got True"),
+        ({"max_train_steps": 2.5}, "argument --max_train_steps: invalid int value: '2.5'"),
+        ({"learning_rate": [1e-3]}, "argument --learning_rate: invalid float value: '[0.001]'"),
+        ({"num_workers": True}, "argument --num_workers: expected one argument"),
+        ({"learning_rat": 1e-3}, "unrecognized arguments: --learning_rat"),
     ]:
-        with pytest.raises(TypeError, match=re.escape(message)):
+        with pytest.raises(SystemExit):
             te.parse_args([], **flags)
+        assert message in capsys.readouterr().err
     assert te.parse_args([], learning_rate=1, max_train_steps=numpy.int64(3)).learning_rate == 1  # ints are numbers
     assert te.parse_args([], learning_rate="2e-3").learning_rate == 2e-3  # text is parsed, as on the command line
 

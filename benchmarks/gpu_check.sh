@@ -4,8 +4,8 @@
 # against ViTMAEForPreTraining, with MFU; then the data pipeline if the JPEGs are there, with the
 # colour augmentation on the GPU as `train_extrema.py --color_on_device` (the ImageNet recipes) does it.
 #
-#   bash scripts/gpu_check.sh            # from anywhere, with the project's dependencies installed
-#   MODEL=tiny BATCH=8 bash scripts/gpu_check.sh   # a quick dry run of the script itself, e.g. on a CPU
+#   bash benchmarks/gpu_check.sh            # from anywhere, with the project's dependencies installed
+#   MODEL=tiny BATCH=8 bash benchmarks/gpu_check.sh   # a quick dry run of the script itself, e.g. on a CPU
 #
 # Every step has its own time limit, so that one hang cannot eat the session; the exit status is 1 if any step failed.
 set -uo pipefail
@@ -40,7 +40,7 @@ PY
 # imported here are reported and skipped instead of stopping the run.
 run 90 "$PYTHON" -m pytest tests -q -rs -k "cuda or gpu" --continue-on-collection-errors -p no:cacheprovider
 
-BENCH=("$PYTHON" scripts/benchmark_throughput.py --model "$MODEL" --batch_size "$BATCH" --precision bfloat16)
+BENCH=("$PYTHON" benchmarks/benchmark_throughput.py --model "$MODEL" --batch_size "$BATCH" --precision bfloat16)
 run 120 "${BENCH[@]}" --num_masks 5 --peer_precision bfloat16 --warmup 5 --rounds 8 --steps_per_round 3
 run 90 "${BENCH[@]}" --num_masks 1 --peer_precision bfloat16 --warmup 5 --rounds 8 --steps_per_round 3
 # torch.compile last: the slowest step, and the numbers above do not depend on it
@@ -51,7 +51,7 @@ run 150 "${BENCH[@]}" --num_masks 5 --peer_precision none --compile --warmup 3 -
 # DataLoader throughput with the colour on the GPU (--color_on_device)
 DATA=${EXTREMA_IMAGENET_SAMPLE_DIR:-../shared/data/imagenet-sample}
 if [ -d "$DATA" ]; then
-  run 90 "$PYTHON" scripts/benchmark_throughput.py --mode data --data_dir "$DATA" --num_images 500 --workers 1 4 8 12 \
+  run 90 "$PYTHON" benchmarks/benchmark_throughput.py --mode data --data_dir "$DATA" --num_images 500 --workers 1 4 8 12 \
     --color_on_device
 else
   echo; echo "=== data pipeline skipped: no $DATA (set EXTREMA_IMAGENET_SAMPLE_DIR)"

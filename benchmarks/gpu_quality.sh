@@ -5,8 +5,8 @@
 # on one H200 (16 Intel Xeon cores): 5 runs side by side with 2 workers each train ~1,450 images/s each; 6 epochs
 # and their kNN evaluations take ~250 s (docs/masking-gpu-6-epochs).
 #
-#   DATA=path/to/cifar10 EPOCHS=8 OUT=bench/gpu bash scripts/gpu_quality.sh
-#   DATA=path/to/cifar10 EPOCHS=0.02 TIME_LIMIT=1200 bash scripts/gpu_quality.sh   # a dry run of the script, on a CPU
+#   DATA=path/to/cifar10 EPOCHS=8 OUT=bench/gpu bash benchmarks/gpu_quality.sh
+#   DATA=path/to/cifar10 EPOCHS=0.02 TIME_LIMIT=1200 bash benchmarks/gpu_quality.sh   # a dry run of the script, on a CPU
 #
 # Wave 1: the benchmark's three ExtreMA methods (variants of `ablate.py --study fixes`) and the masking study's
 # "0.75 x 4"; wave 2: `benchmark_quality.py` (ViTMAE and the scoring of every method, reusing wave 1's runs) and the
@@ -38,7 +38,7 @@ start() {  # start LOG COMMAND...: in the background, stopped at $deadline
 }
 
 variant() {  # variant STUDY NAME WORKERS: one run of an ablation study
-  start "$OUT/logs/$1-${2// /_}.log" "$PYTHON" scripts/ablate.py --study "$1" --variants "$2" \
+  start "$OUT/logs/$1-${2// /_}.log" "$PYTHON" benchmarks/ablate.py --study "$1" --variants "$2" \
     --output_dir "$OUT/$1" --num_workers "$3" "${budget[@]}"
 }
 
@@ -52,7 +52,7 @@ wait
 echo "wave 1: $((SECONDS - begin)) s"
 
 deadline=$((begin + TIME_LIMIT))
-start "$OUT/logs/quality.log" "$PYTHON" scripts/benchmark_quality.py --extrema_study_dir "$OUT/fixes" \
+start "$OUT/logs/quality.log" "$PYTHON" benchmarks/benchmark_quality.py --extrema_study_dir "$OUT/fixes" \
   --output_dir "$OUT/quality" --num_workers 2 --train_dir "$DATA" --num_train_epochs "$EPOCHS" \
   --warmup_epochs "$WARMUP" --seed "$SEED"
 for name in "0.5 x 1" "0.75 x 1" "0.9 x 1" "0.75 x 2"; do variant masking "$name" 2; done

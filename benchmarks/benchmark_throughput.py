@@ -13,9 +13,9 @@ machine hits all of them alike; the medians over rounds are reported, and the ra
 the per-round ratios. On a CPU, run as a script, it sets OMP_WAIT_POLICY=PASSIVE unless the variable is set (see the
 comment below).
 
-    python scripts/benchmark_throughput.py --model vit-small-patch16 --batch_size 16 --precision float32 bfloat16
-    python scripts/benchmark_throughput.py --model vit-base-patch16 --batch_size 256 --precision bfloat16  # GPU
-    python scripts/benchmark_throughput.py --mode data --augmentation <name> --workers 1 2 [--color_on_device]
+    python benchmarks/benchmark_throughput.py --model vit-small-patch16 --batch_size 16 --precision float32 bfloat16
+    python benchmarks/benchmark_throughput.py --model vit-base-patch16 --batch_size 256 --precision bfloat16  # GPU
+    python benchmarks/benchmark_throughput.py --mode data --augmentation <name> --workers 1 2 [--color_on_device]
 
 FLOP counting (`extrema_flops`, `vitmae_flops`): matrix multiplications only, counted analytically as 2*m*n*k
 (linear layers, the patch-embedding convolution as a matmul over patches, and the two attention matmuls q k^T and
@@ -498,8 +498,9 @@ def training_loader_rate(dataset, transform, noise_shape, workers: int, device) 
     stream), each batch made ready by `device_views`: 8 timed batches per worker after each worker's first. Returns the
     rate and the workers used (at most one per shard)."""
     workers = min(workers, dataset.num_shards)
-    flags = argparse.Namespace(num_workers=workers, per_device_train_batch_size=32, seed=0)
-    batches = training_batches(dataset, transform, flags, noise_shape, StreamPosition(), device)
+    batches = training_batches(
+        dataset, transform, noise_shape, StreamPosition(), device, batch_size=32, num_workers=workers, seed=0
+    )
     for _ in range(max(workers, 1)):
         next(batches)
     start, count = time.perf_counter(), 0

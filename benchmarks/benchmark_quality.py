@@ -1,6 +1,6 @@
 """Quality benchmark: what ExtreMA learns on CIFAR-10 against its baselines, at the same budget (a CPU or one GPU).
 
-    python scripts/benchmark_quality.py --train_dir path/to/cifar10 --num_train_epochs 3 --output_dir bench/quality
+    python benchmarks/benchmark_quality.py --train_dir path/to/cifar10 --num_train_epochs 3 --output_dir bench/quality
 
 Every pre-training gets the same number of epochs of the same batch (256) and seed:
 - ExtreMA (the tiny preset, `train_extrema.py --recipe tiny-cifar10` through `ablate.run_study("fixes", ...)`):
@@ -19,7 +19,7 @@ an `ablate.py --study fixes` run as --extrema_study_dir to reuse its ExtreMA run
 """
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,14 +30,16 @@ from tqdm.auto import tqdm
 from transformers import ViTMAEForPreTraining, get_cosine_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import ablate
-from _eval_common import load_extrema, resolve_validation_split, run, write_results
-from benchmark_throughput import vitmae_config_like
-from data_extrema import add_data_args, build_eval_transform, build_train_transform, labelled_loader
-from eval_extrema import extract_features, linear_probe_on_features, weighted_knn
-from train_extrema import param_groups
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the evaluation scripts' helpers
 
-# method in the table -> variant of the `fixes` study of scripts/ablate.py
+import ablate  # noqa: E402
+from _eval_common import load_extrema, resolve_validation_split, run, write_results  # noqa: E402
+from benchmark_throughput import vitmae_config_like  # noqa: E402
+from data_extrema import add_data_args, build_eval_transform, build_train_transform, labelled_loader  # noqa: E402
+from eval_extrema import extract_features, linear_probe_on_features, weighted_knn  # noqa: E402
+from train_extrema import param_groups  # noqa: E402
+
+# method in the table -> variant of the `fixes` study of benchmarks/ablate.py
 EXTREMA_METHODS = {
     "ExtreMA, BYOL + fixes (tiny-cifar10)": "recipe (BYOL + all fixes)",
     "ExtreMA, BYOL, official (no fix)": "official BYOL (no fix)",
