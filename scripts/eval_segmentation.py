@@ -34,7 +34,16 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from _eval_common import UsageError, add_eval_args, load_extrema, resolve_validation_split, run, write_results
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE
+from _eval_common import (
+    UsageError,
+    add_eval_args,
+    load_extrema,
+    parse_checked,
+    resolve_validation_split,
+    run,
+    write_results,
+)
 from transformers import SegformerImageProcessor, get_polynomial_decay_schedule_with_warmup
 
 import modeling_extrema
@@ -63,22 +72,21 @@ def parse_args(argv=None):
     group.add_argument("--decoder_hidden_size", type=int, default=512, help="UperNet's channels")
     group.add_argument("--eval_every_steps", type=int, default=0, help="evaluate every N steps (0: at the end)")
     group.add_argument("--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
-    args = parser.parse_args(argv)
-    checks = [
-        ("--num_labels", args.num_labels >= 1, "at least 1"),
-        ("--max_train_steps", args.max_train_steps >= 1, "at least 1"),
-        ("--learning_rate", args.learning_rate > 0, "greater than 0"),
-        ("--weight_decay", args.weight_decay >= 0, "at least 0"),
-        ("--layer_decay", 0 < args.layer_decay <= 1, "in (0, 1]"),
-        ("--warmup_steps", args.warmup_steps >= 0, "at least 0"),
-        ("--drop_path_rate", 0 <= args.drop_path_rate < 1, "in [0, 1)"),
-        ("--batch_size", args.batch_size >= 1, "at least 1"),
-        ("--eval_every_steps", args.eval_every_steps >= 0, "at least 0"),
-    ]
-    for flag, valid, phrase in checks:
-        if not valid:
-            raise UsageError(f"{flag} must be {phrase}, got {getattr(args, flag[2:])}.")
-    return args
+    return parse_checked(parser, argv, FLAG_RANGES)
+
+
+FLAG_RANGES = {
+    "num_labels": AT_LEAST_1,
+    "max_train_steps": AT_LEAST_1,
+    "learning_rate": POSITIVE,
+    "weight_decay": AT_LEAST_0,
+    "layer_decay": OPEN_UNIT,
+    "warmup_steps": AT_LEAST_0,
+    "drop_path_rate": FRACTION,
+    "decoder_hidden_size": AT_LEAST_1,
+    "eval_every_steps": AT_LEAST_0,
+    "image_size": AT_LEAST_1,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,7 +262,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision))
     set_seed(args.seed)
-    backbone = load_extrema(args.model_name_or_path)
+    backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     image_size = args.image_size or backbone.config.image_size
     if image_size % backbone.config.patch_size:
         raise UsageError(f"--image_size {image_size} is not a multiple of the patch size {backbone.config.patch_size}.")
