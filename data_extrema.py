@@ -388,7 +388,7 @@ def build_train_transform(
 
     With `color_on_device`, the views that have a colour part end as (uint8 image, colour parameters) pairs: the
     worker only decodes, crops and flips, and draws the colour choices (`ColorParameters`); `color_augment` applies
-    them to the whole batch on the accelerator. The colour part is ~70% of a worker's time on ImageNet JPEGs.
+    them to the whole batch on the accelerator. The colour part is most of a worker's time (docs/performance.md).
     """
     center = [v2.Resize(int(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
     crop = [v2.RandomResizedCrop(image_size, scale=(crop_min, 1.0), antialias=True), v2.RandomHorizontalFlip()]
@@ -584,7 +584,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
                     continue
                 # fork_rng: the per-image seed must not disturb the process RNG (it also drives drop path). Only the
                 # CPU generator draws here; torch.manual_seed would also queue a CUDA seeding, with its stack trace,
-                # per image (a third of the worker's time)
+                # per image
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(example_seed(self.seed, epoch, row["image"]))
                     views = view_fields(*self.transform(image))

@@ -87,12 +87,12 @@ _IMAGENET_1K = dict(
     knn_every=6250,  # every 10 epochs
     checkpointing_steps=1250,
     mixed_precision="auto",
-    color_on_device=True,  # the CPU workers would otherwise limit a GPU (README, Performance)
+    color_on_device=True,  # the CPU workers would otherwise limit a GPU (docs/performance.md)
 )
 RECIPES = {
     # The default when no data is given: Fashion-MNIST at 32 px, 375 steps in a few minutes on 2 CPU cores. BYOL, with
-    # the fixes of tiny-cifar10 below: without them its targets collapse in a run this short (README, "BYOL at small
-    # scale"); with them it learns faster than the InfoNCE objective of the paper's Table 6 here.
+    # the fixes of tiny-cifar10 below: without them its targets collapse in a run this short; with them it learns
+    # faster than the InfoNCE objective of the paper's Table 6 (docs/byol-small-scale.md).
     "tiny-fashion-mnist": dict(
         model_config="tiny",
         loss="byol",
@@ -111,7 +111,7 @@ RECIPES = {
         knn_train_samples=5_000,
         knn_val_samples=1_000,
     ),
-    # BYOL on CIFAR-10 at 32 px on a CPU (README, "BYOL at small scale"): the paper's objective, augmentation (Table 4,
+    # BYOL on CIFAR-10 at 32 px on a CPU (docs/byol-small-scale.md): the paper's objective, augmentation (Table 4,
     # two crop + colour views) and extreme masking, plus the three changes that stop a short run from collapsing:
     # centred targets, BatchNorm heads, a 10x predictor lr; and a teacher momentum for thousands of steps, not 10^5.
     "tiny-cifar10": dict(
@@ -129,7 +129,7 @@ RECIPES = {
         num_train_epochs=25,
         warmup_epochs=2,
         learning_rate=1e-3,
-        ema_momentum=0.98,  # 3 epochs: 35.85% kNN vs 33.60% with 0.99 (seed 1); the teacher is what kNN scores
+        ema_momentum=0.98,  # chosen by measurement against 0.99 (docs/byol-small-scale.md); kNN scores the teacher
         drop_path_rate=0.0,
         num_workers=1,
         knn_train_samples=10_000,
@@ -472,7 +472,7 @@ def build_model(accelerator, config: ExtremaConfig) -> ExtremaForPreTraining:
         else:  # torch's SyncBatchNorm runs on GPUs only
             logger.warning("BatchNorm heads on %d CPU processes use per-process batch statistics.", world_size)
     if device.type == "cpu" and accelerator.mixed_precision == "bf16":
-        model.set_attn_implementation("eager")  # CPU sdpa is slow on short bf16 sequences (1.3x step here)
+        model.set_attn_implementation("eager")  # CPU sdpa is slower on short bf16 sequences (docs/performance.md)
     return model
 
 
@@ -556,7 +556,7 @@ def build_optimizer(model, args, peak_lr: float, device) -> torch.optim.AdamW:
         param_groups(model, args.weight_decay, args.predictor_lr_multiplier),
         lr=peak_lr,
         betas=(args.adam_beta1, args.adam_beta2),
-        # the fused kernel: one pass over all parameters, not one per tensor (6x faster AdamW step on a CPU here)
+        # the fused kernel: one pass over all parameters, not one per tensor (docs/performance.md)
         fused=device.type in ("cuda", "cpu"),
     )
 
@@ -649,8 +649,8 @@ def resume(accelerator, args) -> tuple[int, StreamPosition]:
 
 def bf16_is_native() -> bool:
     """Whether bf16 autocast runs on bf16 hardware: a CUDA GPU that computes in it (Ampere or newer), or a CPU with
-    bf16 dot products (AVX512-BF16 or AMX). Elsewhere bf16 is emulated: measured 3.4x slower than float32 on an Intel
-    Xeon without it; a V100 or T4 emulates it too, although `torch.cuda.is_bf16_supported()` says yes."""
+    bf16 dot products (AVX512-BF16 or AMX). Elsewhere bf16 is emulated, and slower than float32 (docs/performance.md);
+    a V100 or T4 emulates it too, although `torch.cuda.is_bf16_supported()` says yes."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
@@ -719,7 +719,10 @@ def forward_backward(accelerator, model, batches, accumulation_steps: int, measu
         if measure_collapse and last:
             collapse = {
                 f"collapse/{branch}_{name}": value
-                for branch, vectors in (("target", outputs.targets), ("prediction", outputs.predictions))
+                for branch, vectors in (
+                    ("target", outputs.targets),
+                    ("prediction", outputs.predictions.flatten(0, 1)),  # (B, M, P) -> (B * M, P)
+                )
                 for name, value in collapse_statistics(vectors).items()
             }
     return loss_sum / accumulation_steps, collapse
@@ -766,7 +769,10 @@ def evaluate_knn(accelerator, backbone, loaders, args, step: int, history: list)
     result = None
     if accelerator.is_main_process:
         with accelerator.autocast():
-            result = knn_accuracy(backbone, *loaders, accelerator.device, k=args.knn_k, temperature=args.knn_temperature)
+            gallery, queries = loaders
+            result = knn_accuracy(
+                backbone, gallery, queries, accelerator.device, k=args.knn_k, temperature=args.knn_temperature
+            )
         logger.info(
             "step %d: kNN top-1 %.2f%%, top-5 %.2f%% (k=%d, %d gallery / %d validation images)",
             step, result["top1"], result["top5"], args.knn_k, args.knn_train_samples, args.knn_val_samples,
@@ -794,8 +800,8 @@ def warn_on_collapse(logs: dict, step: int, warned: bool) -> bool:
             logger.warning(
                 "step %d: %s are collapsing (mean pairwise cosine %.2f, normalised std %.2f; spread vectors give ~0 "
                 "and ~1). BYOL then regresses a near-constant target and the features stop separating images. Try "
-                "--target_centering batch, --head_norm batchnorm, a lower --ema_momentum or --loss infonce (README, "
-                "'BYOL at small scale').",
+                "--target_centering batch, --head_norm batchnorm, a lower --ema_momentum or --loss infonce "
+                "(docs/byol-small-scale.md).",
                 step, vectors, cosine, std,
             )  # fmt: skip
             return True

@@ -1,7 +1,8 @@
 """Ablations at small scale, each variant a short `train_extrema.py --recipe tiny-cifar10` run at the same budget.
 
     python benchmarks/ablate.py --study fixes --train_dir path/to/cifar10 --num_train_epochs 3 --output_dir bench/fixes
-    python benchmarks/ablate.py --study masking --train_dir path/to/cifar10 --num_train_epochs 3 --output_dir bench/masking
+    python benchmarks/ablate.py --study masking --train_dir path/to/cifar10 --num_train_epochs 3 \
+        --output_dir bench/masking
 
 - `fixes`: what keeps BYOL (the paper's objective) from collapsing in a short run: the recipe, the recipe without each
   of its changes to the official training, the official training itself, and InfoNCE (paper, Table 6) for scale.

@@ -54,8 +54,8 @@ import time
 from pathlib import Path
 
 # OpenMP threads that spin while they wait steal the cores of a shared machine and stall whenever one of them is
-# descheduled: on the shared 2-core CPU this project is developed on, steps ran 2-40x slower and erratically with the
-# default policy. PASSIVE (sleep while waiting) is read once, when torch loads; OMP_WAIT_POLICY=ACTIVE overrides it.
+# descheduled: on a shared CPU, steps run slower and erratically with the default policy (docs/performance.md).
+# PASSIVE (sleep while waiting) is read once, when torch loads; OMP_WAIT_POLICY=ACTIVE overrides it.
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

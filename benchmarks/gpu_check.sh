@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU session (~5 minutes on one H100; at most 9 if every time limit is hit): the environment, the GPU
+# One short GPU session (minutes; docs/performance.md): the environment, the GPU
 # tests, and the training throughput of ExtreMA ViT-B/16 (224 px, ratio 0.8 x 5 and x 1 masks, bf16 autocast)
 # against ViTMAEForPreTraining, with MFU; then the data pipeline if the JPEGs are there, with the
 # colour augmentation on the GPU as `train_extrema.py --color_on_device` (the ImageNet recipes) does it.

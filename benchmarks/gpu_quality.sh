@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The quality benchmark and both ablation studies (fixes, masking) of the tiny CIFAR-10 recipe at a longer budget
 # than a CPU allows, on one GPU. A tiny run leaves the GPU mostly idle and the CPU workers decide its speed, so the
-# runs train side by side: 4, then 5 processes, each with its own DataLoader workers (16 CPU cores in all). Measured
-# on one H200 (16 Intel Xeon cores): 5 runs side by side with 2 workers each train ~1,450 images/s each; 6 epochs
-# and their kNN evaluations take ~250 s (docs/masking-gpu-6-epochs).
+# runs train side by side: 4, then 5 processes, each with its own DataLoader workers (16 CPU cores in all). Its speed
+# on one H200: docs/masking-study.md.
 #
 #   DATA=path/to/cifar10 EPOCHS=8 OUT=bench/gpu bash benchmarks/gpu_quality.sh
 #   DATA=path/to/cifar10 EPOCHS=0.02 TIME_LIMIT=1200 bash benchmarks/gpu_quality.sh   # a dry run of the script, on a CPU

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-# Spinning OpenMP threads make CPU runs erratic (2-40x slower) on a machine shared with other jobs.
+# Spinning OpenMP threads make CPU runs slow and erratic on a machine shared with other jobs (docs/performance.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402

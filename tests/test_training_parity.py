@@ -181,8 +181,8 @@ def assert_official_trajectory(golden: dict, initial, model, args, optimizer, tr
     (final, key_biases), (official, official_key_biases), (initial, initial_key_biases) = (
         split_key_biases(tensors, hidden_size) for tensors in (final, official, initial)
     )
-    # The teacher moves by at most sum(1 - m_s) ~ 3.5% of the student's moves (1.8e-5, 0.7%, here), and so do its
-    # float differences (4e-7): at the student's tolerance a teacher that never moved would pass.
+    # The teacher moves by at most sum(1 - m_s) of the student's moves, and so do its float differences: at the
+    # student's tolerance a teacher that never moved would pass.
     ema_weight = (1 - golden["ema_momentums"]).sum().item()
     for name, tensor in final.items():
         atol = WEIGHT_ATOL * (ema_weight if name.startswith("teacher") else 1)
