@@ -337,8 +337,12 @@ def _normalize():
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def build_eval_transform(image_size: int, crop_pct: float = 0.875):
-    """Resize the short side to image_size / crop_pct, center crop, ImageNet normalisation: image -> (3, S, S)."""
+EVAL_CROP_PCT = 0.875  # the evaluation view: the centre 87.5% of the image after resizing its short side
+
+
+def build_eval_transform(image_size: int, crop_pct: float = EVAL_CROP_PCT):
+    """Resize the short side to image_size / crop_pct (bilinear, antialiased), center crop, ImageNet normalisation:
+    image -> (3, S, S). `build_image_processor` is the same transform as a transformers image processor."""
     return v2.Compose(
         [
             v2.ToImage(),
@@ -346,6 +350,28 @@ def build_eval_transform(image_size: int, crop_pct: float = 0.875):
             v2.CenterCrop(image_size),
             _normalize(),
         ]
+    )
+
+
+def build_image_processor(image_size: int, crop_pct: float = EVAL_CROP_PCT):
+    """`build_eval_transform` as the image processor an exported folder carries, so that
+    `AutoImageProcessor.from_pretrained(folder)` feeds a model the pixels its evaluation measured: the short side
+    resized to image_size / crop_pct (bilinear), a centre crop, ImageNet normalisation. transformers' default
+    (torchvision) backend reproduces the transform to float rounding; its PIL backend rounds the resized image to
+    8 bits (within 1/255 before normalisation)."""
+    from transformers import BitImageProcessor
+
+    return BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": int(image_size / crop_pct)},
+        resample=PIL.Image.Resampling.BILINEAR,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
     )
 
 
