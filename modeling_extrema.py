@@ -79,17 +79,28 @@ class ExtremaForPreTrainingOutput(ModelOutput):
     """
     Output of [`ExtremaForPreTraining`].
 
+    Every per-image field is image-major: row i belongs to image i of the batch (its masked views follow each other
+    where a field has one row per view).
+
     Args:
         loss (`torch.FloatTensor` of shape `()`): the BYOL (or InfoNCE) loss averaged over masks.
-        predictions (`torch.FloatTensor` of shape `(num_masks * batch_size, projection_dim)`): the student's
-            predictions, mask-major (all images of mask 0, then mask 1, ...).
+        predictions (`torch.FloatTensor` of shape `(batch_size, num_masks, projection_dim)`): the student's
+            predictions, one per masked view of every image.
         targets (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): the teacher's projections (after
             `config.target_centering`), the regression targets.
-        ids_keep (`torch.LongTensor` of shape `(num_masks, batch_size, num_visible)`): visible patch indices.
-        student_pooler_output (`torch.FloatTensor` of shape `(num_masks * batch_size, hidden_size)`): the student's
+        ids_keep (`torch.LongTensor` of shape `(num_masks, batch_size, num_visible)`): visible patch indices, in the
+            layout the `ids_keep` input takes.
+        student_pooler_output (`torch.FloatTensor` of shape `(batch_size, num_masks, hidden_size)`): the student's
             instance representations of the masked views.
         teacher_pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): the teacher's instance
             representations of the full views.
+        hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`): the student's visible patch
+            tokens after the embeddings and after every self-attention layer, each
+            `(batch_size * num_masks, num_visible, hidden_size)`: the views of image i are rows i*M .. i*M + M-1.
+        attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): the student's self-attention maps,
+            one per layer, each `(batch_size * num_masks, num_heads, num_visible, num_visible)`, rows as above.
+        class_attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): the student's class-attention
+            maps, one per class-attention layer, each `(batch_size * num_masks, num_heads, 1, 1 + num_visible)`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -98,6 +109,9 @@ class ExtremaForPreTrainingOutput(ModelOutput):
     ids_keep: torch.LongTensor | None = None
     student_pooler_output: torch.FloatTensor | None = None
     teacher_pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    class_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def sincos_position_embedding(hidden_size: int, grid_size: int) -> torch.Tensor:
@@ -182,12 +196,14 @@ class ExtremaEmbeddings(nn.Module):
             return embeddings
 
         # The image is embedded once; each mask then gathers its visible tokens by index (no per-mask copy of the
-        # image), so all masked views of the batch go through the encoder as one (num_masks * B, K, D) batch.
+        # image), so all masked views of the batch go through the encoder as one (B * num_masks, K, D) batch.
         ids_keep = check_ids_keep(ids_keep, batch_size=embeddings.shape[0], num_patches=embeddings.shape[1])
         num_masks, batch_size, _ = ids_keep.shape
         batch_index = torch.arange(batch_size, device=embeddings.device).view(1, batch_size, 1)
         embeddings = embeddings[batch_index, ids_keep]  # (M, B, K, D)
-        return embeddings.flatten(0, 1)  # (M * B, K, D), mask-major
+        # image-major, (B * M, K, D): the views of image i are rows i*M .. i*M + M-1, so that row blocks follow the
+        # batch as in every other output (a batch of one image gives that image's rows)
+        return embeddings.transpose(0, 1).flatten(0, 1)
 
 
 def check_ids_keep(ids_keep: torch.Tensor, batch_size: int, num_patches: int) -> torch.LongTensor:
@@ -419,6 +435,57 @@ class ExtremaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ExtremaEmbeddings", "ExtremaLayer", "ExtremaClassAttentionLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    # Loading a pre-training folder: its teacher becomes this model's backbone (what the export keeps; the key mapping
+    # renames `teacher.` to `_teacher_prefix`), its student and BYOL heads are dropped on purpose.
+    _teacher_prefix = ""
+    _keys_to_ignore_on_load_unexpected = [
+        r"^student\.",
+        r"^(student|teacher)_projector\.",
+        r"^predictor\.",
+        r"^target_center$",
+    ]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, across the ExtreMA classes: a folder saved by any of them loads into any
+        other whose backbone it holds (a pre-training folder gives its teacher), and one that does not hold the
+        backbone (a backbone folder has no class-attention blocks) stops with a `ValueError` saying what to load
+        instead: never a model whose backbone is silently random."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        key_mapping = dict(kwargs.pop("key_mapping", None) or {})
+        if cls._teacher_prefix is not None:
+            key_mapping.setdefault(r"^teacher\.", cls._teacher_prefix)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            key_mapping=key_mapping or None,
+            output_loading_info=True,
+            **kwargs,
+        )
+        info["missing_keys"] = model._finish_loading(set(info["missing_keys"]), pretrained_model_name_or_path)
+        return (model, info) if output_loading_info else model
+
+    def _finish_loading(self, missing_keys: set[str], source) -> set[str]:
+        """Called after loading with the keys the checkpoint lacked: raises when any backbone weight is among them
+        (heads may start fresh: a classifier on a backbone folder). Returns the missing keys."""
+        # Only folders of another ExtreMA class are checked: a folder of this class missing weights is transformers'
+        # case (it warns), and one without `architectures` (not saved by save_pretrained) cannot be told apart.
+        saved_by = (getattr(self.config, "architectures", None) or [type(self).__name__])[0]
+        parameters = dict(self.named_parameters())
+        head_prefixes = ("fc_norm.", "classifier.", "student_projector.", "teacher_projector.", "predictor.")
+        missing = sorted(key for key in missing_keys if key in parameters and not key.startswith(head_prefixes))
+        if missing and saved_by != type(self).__name__:
+            if saved_by == "ExtremaBackbone":
+                hint = "a backbone folder has no class-attention blocks; load it with AutoBackbone"
+            elif isinstance(self, ExtremaForPreTraining):
+                hint = "pre-training needs a pre-training folder or a backbone saved by ExtremaModel"
+            else:
+                hint = "load it with the class that saved it"
+            raise ValueError(
+                f"{source} holds no weights for {len(missing)} backbone parameters of {type(self).__name__} "
+                f"(e.g. {missing[0]}): it was saved by {saved_by}; {hint}."
+            )
+        return missing_keys
 
     def post_init(self):
         super().post_init()
@@ -466,8 +533,8 @@ class ExtremaModel(ExtremaPreTrainedModel):
 
     `last_hidden_state` is (B, 1 + N, D) after the final LayerNorm: index 0 is the class token, 1.. the patch tokens;
     `pooler_output` is the class token. With `ids_keep` (B, K) only the K listed patches are encoded; with
-    `ids_keep` (num_masks, B, K) every image is encoded once per mask and the outputs are stacked mask-major
-    (num_masks * B, 1 + K, D). `attentions` holds one (B, H, N, N) map per self-attention layer, `class_attentions`
+    `ids_keep` (num_masks, B, K) every image is encoded once per mask and the outputs are stacked image-major
+    (B * num_masks, 1 + K, D): the views of image i are rows i*M .. i*M + M-1. `attentions` holds one (B, H, N, N) map per self-attention layer, `class_attentions`
     one (B, H, 1, 1 + N) map per class-attention layer; `hidden_states` the (B, N, D) patch tokens after the
     embeddings and after every self-attention layer.
     """
@@ -523,7 +590,10 @@ class ExtremaBackbone(BackboneMixin, ExtremaPreTrainedModel):
     """
 
     # an ExtremaModel's class-attention weights have no place here; loading them into a backbone drops them on purpose
-    _keys_to_ignore_on_load_unexpected = [r"encoder\.cls_token", r"encoder\.class_attention_layer\."]
+    _keys_to_ignore_on_load_unexpected = ExtremaPreTrainedModel._keys_to_ignore_on_load_unexpected + [
+        r"encoder\.cls_token",
+        r"encoder\.class_attention_layer\.",
+    ]
 
     def __init__(self, config: ExtremaConfig):
         super().__init__(config)
@@ -574,16 +644,18 @@ def build_mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int,
     return nn.Sequential(*layers)
 
 
-def byol_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: int) -> torch.Tensor:
-    """Mean over masks and images of ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z). Computed in float32."""
-    p = F.normalize(predictions.float(), dim=-1).unflatten(0, (num_masks, -1))  # (M, B, P)
-    z = F.normalize(targets.float(), dim=-1)  # (B, P), shared by all masks
+def byol_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over images and masks of ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z); predictions (B, M, P), targets (B, P).
+    Computed in float32."""
+    p = F.normalize(predictions.float(), dim=-1)  # (B, M, P)
+    z = F.normalize(targets.float(), dim=-1).unsqueeze(1)  # (B, 1, P), shared by all masks of an image
     return (p - z).pow(2).sum(dim=-1).mean()
 
 
-def infonce_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: int, temperature: float):
-    """InfoNCE (MoCo v3 form, scaled by 2T) whose negatives are the targets of every process."""
-    p = F.normalize(predictions.float(), dim=-1).unflatten(0, (num_masks, -1))  # (M, B, P)
+def infonce_loss(predictions: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """InfoNCE (MoCo v3 form, scaled by 2T) whose negatives are the targets of every process; predictions (B, M, P),
+    targets (B, P)."""
+    p = F.normalize(predictions.float(), dim=-1)  # (B, M, P)
     z = F.normalize(targets.float(), dim=-1)  # (B, P)
     batch_size, rank = z.shape[0], 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -591,9 +663,10 @@ def infonce_loss(predictions: torch.Tensor, targets: torch.Tensor, num_masks: in
         gathered = [torch.empty_like(z) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(gathered, z.contiguous())  # targets carry no gradient
         z = torch.cat(gathered)  # (world * B, P)
-    logits = torch.einsum("mbp,np->mbn", p, z) / temperature  # (M, B, world * B)
-    labels = torch.arange(batch_size, device=z.device) + rank * batch_size
-    return F.cross_entropy(logits.flatten(0, 1), labels.repeat(num_masks)) * (2 * temperature)
+    logits = torch.einsum("bmp,np->bmn", p, z) / temperature  # (B, M, world * B)
+    labels = torch.arange(batch_size, device=z.device) + rank * batch_size  # image i's target is row i + rank * B
+    labels = labels.unsqueeze(1).expand(-1, p.shape[1])  # (B, M)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten()) * (2 * temperature)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -626,6 +699,12 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
     does not move the teacher several times per step).
     """
 
+    # The backbone a pre-training model hands on is the teacher (what the export saves): `base_model` is the teacher,
+    # and a backbone folder loads into it (and is copied into the student, see `_finish_loading`).
+    base_model_prefix = "teacher"
+    _teacher_prefix = None  # its own folders keep their keys
+    _keys_to_ignore_on_load_unexpected = None
+
     def __init__(self, config: ExtremaConfig):
         super().__init__(config)
         self.student = ExtremaModel(config)
@@ -657,12 +736,27 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
         for parameter in self._student_and_teacher_parameters()[1]:
             parameter.requires_grad_(False)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def get_input_embeddings(self) -> ExtremaPatchEmbeddings:
+        return self.student.embeddings.patch_embeddings  # the student is the network that learns from the input
+
+    def _finish_loading(self, missing_keys: set[str], source) -> set[str]:
+        # A backbone folder filled the teacher (base_model_prefix): the student starts as its copy, and the teacher's
+        # projector as the student's fresh one, as `reset_teacher` starts them at initialisation.
+        if any(key.startswith("student.") for key in missing_keys) and not any(
+            key.startswith("teacher.") for key in missing_keys
+        ):
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.student.parameters()), list(self.teacher.parameters()))
+                torch._foreach_copy_(list(self.student.buffers()), list(self.teacher.buffers()))
+                if any(key.startswith("teacher_projector.") for key in missing_keys):
+                    torch._foreach_copy_(
+                        list(self.teacher_projector.parameters()), list(self.student_projector.parameters())
+                    )
+            missing_keys = {key for key in missing_keys if not key.startswith("student.")}
+        missing_keys = super()._finish_loading(missing_keys, source)
         # loading materialises fresh parameters (requires_grad=True), so the teacher is frozen again
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_teacher()
-        return loaded
+        self.freeze_teacher()
+        return missing_keys
 
     @torch.no_grad()
     def update_teacher(self, momentum: float):
@@ -711,7 +805,7 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
             ids_keep = ids_shuffle[:, : num_masks * num_visible].view(batch_size, num_masks, num_visible)
         else:
             ids_keep = ids_shuffle[..., :num_visible]  # (B, M, K)
-        return ids_keep.transpose(0, 1)  # (M, B, K): mask-major, as the student encodes them
+        return ids_keep.transpose(0, 1)  # (M, B, K), the layout of the ids_keep input
 
     @torch.no_grad()
     def center_targets(self, targets: torch.Tensor) -> torch.Tensor:
@@ -738,11 +832,14 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
         pixel_values_teacher: torch.Tensor | None = None,
         ids_keep: torch.LongTensor | None = None,
         noise: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> ExtremaForPreTrainingOutput:
         """`pixel_values` is the student's view (masked); `pixel_values_teacher` the teacher's (default: the same).
 
         The masks: `ids_keep` (B, K) or (num_masks, B, K), else drawn by `random_masking` (from `noise` if given).
+        `output_attentions` / `output_hidden_states` return the student's maps and hidden states of the masked views.
         """
         if pixel_values_teacher is None:
             pixel_values_teacher = pixel_values
@@ -755,23 +852,35 @@ class ExtremaForPreTraining(ExtremaPreTrainedModel):
             teacher_output = self.teacher(pixel_values_teacher, return_dict=True)
             targets = self.center_targets(self.teacher_projector(teacher_output.pooler_output))  # (B, P)
 
-        # all masks in one batch: (M * B, 1 + K, D)
-        student_output = self.student(pixel_values, ids_keep=ids_keep, return_dict=True)
-        predictions = self.predictor(self.student_projector(student_output.pooler_output))  # (M * B, P)
+        # all masks in one batch: (B * M, 1 + K, D), image-major
+        student_output = self.student(
+            pixel_values,
+            ids_keep=ids_keep,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        num_masks = student_output.pooler_output.shape[0] // batch_size
 
-        num_masks = predictions.shape[0] // batch_size
+        # the heads see the views as one batch (one set of statistics for head_norm="batchnorm")
+        predictions = self.predictor(self.student_projector(student_output.pooler_output))  # (B * M, P)
+        student_pooler_output = student_output.pooler_output.unflatten(0, (batch_size, num_masks))  # (B, M, D)
+        predictions = predictions.unflatten(0, (batch_size, num_masks))  # (B, M, P)
         if self.config.loss == "byol":
-            loss = byol_loss(predictions, targets, num_masks)
+            loss = byol_loss(predictions, targets)
         else:
-            loss = infonce_loss(predictions, targets, num_masks, self.config.infonce_temperature)
+            loss = infonce_loss(predictions, targets, self.config.infonce_temperature)
 
         return ExtremaForPreTrainingOutput(
             loss=loss,
             predictions=predictions,
             targets=targets,
             ids_keep=ids_keep if ids_keep.ndim == 3 else ids_keep.unsqueeze(0),
-            student_pooler_output=student_output.pooler_output,
+            student_pooler_output=student_pooler_output,
             teacher_pooler_output=teacher_output.pooler_output,
+            hidden_states=student_output.hidden_states,
+            attentions=student_output.attentions,
+            class_attentions=student_output.class_attentions,
         )
 
 
@@ -781,6 +890,8 @@ class ExtremaForImageClassification(ExtremaPreTrainedModel):
     `config.classifier_pooling="mean"`: LayerNorm on the mean of the patch tokens (the official fine-tuning recipe).
     `"cls"`: a non-affine BatchNorm on the class token, then the linear layer (the official linear-probe recipe).
     """
+
+    _teacher_prefix = "extrema."
 
     def __init__(self, config: ExtremaConfig):
         super().__init__(config)

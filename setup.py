@@ -34,7 +34,12 @@ setup(
         "filelock",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest>=8", "matplotlib"], "plots": ["matplotlib"], "wandb": ["wandb"]},
+    extras_require={
+        # parameterized: imported by transformers' common model tests (tests/test_transformers_common.py)
+        "test": ["pytest>=8", "matplotlib", "parameterized"],
+        "plots": ["matplotlib"],
+        "wandb": ["wandb"],
+    },
     entry_points={"console_scripts": ["extrema-train=train_extrema:main"]},
     classifiers=[
         "License :: OSI Approved :: Apache Software License",

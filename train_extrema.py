@@ -719,7 +719,10 @@ def forward_backward(accelerator, model, batches, accumulation_steps: int, measu
         if measure_collapse and last:
             collapse = {
                 f"collapse/{branch}_{name}": value
-                for branch, vectors in (("target", outputs.targets), ("prediction", outputs.predictions))
+                for branch, vectors in (
+                    ("target", outputs.targets),
+                    ("prediction", outputs.predictions.flatten(0, 1)),  # (B, M, P) -> (B * M, P)
+                )
                 for name, value in collapse_statistics(vectors).items()
             }
     return loss_sum / accumulation_steps, collapse

@@ -51,15 +51,20 @@ def test_conversion_reproduces_the_official_implementation(golden_path):
         close(teacher.pooler_output, golden["teacher_instance"])
         close(teacher.last_hidden_state[:, 1:], golden["teacher_tokens"])
         close(model.teacher_projector(teacher.pooler_output), golden["teacher_projection"])
+        def image_major(golden_rows):  # the official code stacks the views mask-major: (M * B, ...) -> (B * M, ...)
+            return golden_rows.unflatten(0, (len(golden["masks"]), -1)).transpose(0, 1).flatten(0, 1)
+
         student = model.student(pixel_values, ids_keep=ids_keep)
-        close(student.pooler_output, golden["student_instance_masked"])
-        close(model.predictor(model.student_projector(student.pooler_output)), golden["student_prediction_masked"])
+        close(student.pooler_output, image_major(golden["student_instance_masked"]))
+        predictions = model.predictor(model.student_projector(student.pooler_output))
+        close(predictions, image_major(golden["student_prediction_masked"]))
 
         model.update_teacher(0.99)  # the official forward moves the teacher first, then computes the targets
         output = model(pixel_values, ids_keep=ids_keep)
         close(output.loss, golden["byol_loss"])
         close(model.teacher(pixel_values).pooler_output, golden["teacher_instance_after_ema"])
-        close(output.predictions, golden["student_prediction_masked"])  # the student did not move
+        # the student did not move; predictions are (B, M, P), the golden ones mask-major (M * B, P)
+        close(output.predictions.flatten(0, 1), image_major(golden["student_prediction_masked"]))
 
 
 def test_backbone_conversion_takes_the_requested_encoder(golden_path):
@@ -92,8 +97,9 @@ def test_conversion_command_writes_a_loadable_folder(golden_path, tmp_path):
     full = AutoModelForPreTraining.from_pretrained(tmp_path / "full", trust_remote_code=True).eval()
     ids_keep = torch.stack(golden["masks"])
     with torch.no_grad():
-        predictions = full(golden["pixel_values"], ids_keep=ids_keep).predictions
-    torch.testing.assert_close(predictions, golden["student_prediction_masked"], atol=1e-5, rtol=0)
+        predictions = full(golden["pixel_values"], ids_keep=ids_keep).predictions  # (B, M, P)
+    expected = golden["student_prediction_masked"].unflatten(0, (len(golden["masks"]), -1)).transpose(0, 1)
+    torch.testing.assert_close(predictions, expected, atol=1e-5, rtol=0)
 
 
 def test_conversion_rejects_other_checkpoints(tmp_path):
@@ -164,14 +170,14 @@ def test_masked_input_encodes_only_visible_patches(tiny_config):
     assert not torch.allclose(out2.last_hidden_state[0], out.last_hidden_state[0])
 
 
-def test_multi_mask_batch_is_mask_major(tiny_config):
+def test_multi_mask_batch_is_image_major(tiny_config):
     model = ExtremaModel(tiny_config).eval()
     x = images(tiny_config)
     ids_keep = torch.stack([torch.randperm(16).view(2, 8)[:, :4] for _ in range(3)], dim=1)  # (M=2, B=3, K=4)
     with torch.no_grad():
-        joint = model(x, ids_keep=ids_keep).pooler_output  # (M * B, D)
-        separate = torch.cat([model(x, ids_keep=ids_keep[m]).pooler_output for m in range(2)])
-    torch.testing.assert_close(joint, separate)
+        joint = model(x, ids_keep=ids_keep).pooler_output  # (B * M, D)
+        separate = torch.stack([model(x, ids_keep=ids_keep[m]).pooler_output for m in range(2)], dim=1)  # (B, M, D)
+    torch.testing.assert_close(joint, separate.flatten(0, 1))
 
 
 def test_position_interpolation_for_a_larger_input(tiny_config):
@@ -287,7 +293,8 @@ def test_teacher_stays_in_inference_mode(tiny_config):
 def test_byol_loss_is_the_normalised_l2_averaged_over_masks(tiny_config):
     model = ExtremaForPreTraining(tiny_config)
     out = model(images(tiny_config))
-    p = F.normalize(out.predictions, dim=-1).view(2, 3, -1)
+    assert out.predictions.shape == (3, 2, tiny_config.projection_dim)  # (B, M, P)
+    p = F.normalize(out.predictions, dim=-1).transpose(0, 1)  # (M, B, P)
     z = F.normalize(out.targets, dim=-1)
     expected = sum(((p[m] - z) ** 2).sum(-1).mean() for m in range(2)) / 2
     torch.testing.assert_close(out.loss, expected)
@@ -298,15 +305,15 @@ def test_byol_loss_is_the_normalised_l2_averaged_over_masks(tiny_config):
 
 def test_infonce_loss_single_process(tiny_config):
     torch.manual_seed(0)
-    predictions, targets = torch.randn(6, 8), torch.randn(3, 8)
-    loss = infonce_loss(predictions, targets, num_masks=2, temperature=0.2)
+    predictions, targets = torch.randn(3, 2, 8), torch.randn(3, 8)  # (B, M, P), (B, P)
+    loss = infonce_loss(predictions, targets, temperature=0.2)
     p, z = F.normalize(predictions, dim=-1), F.normalize(targets, dim=-1)
-    expected = sum(F.cross_entropy(p[3 * m : 3 * m + 3] @ z.T / 0.2, torch.arange(3)) for m in range(2)) / 2 * 0.4
+    expected = sum(F.cross_entropy(p[:, m] @ z.T / 0.2, torch.arange(3)) for m in range(2)) / 2 * 0.4
     torch.testing.assert_close(loss, expected)
     config = ExtremaConfig(**{**tiny_config.to_diff_dict(), "loss": "infonce"})
     out = ExtremaForPreTraining(config)(images(config))
-    torch.testing.assert_close(out.loss, infonce_loss(out.predictions, out.targets, 2, config.infonce_temperature))
-    assert not torch.allclose(out.loss, byol_loss(out.predictions, out.targets, 2))
+    torch.testing.assert_close(out.loss, infonce_loss(out.predictions, out.targets, config.infonce_temperature))
+    assert not torch.allclose(out.loss, byol_loss(out.predictions, out.targets))
 
 
 def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
