@@ -12,7 +12,7 @@ This file is shipped as remote code with every saved model, so it imports only `
 import math
 import numbers
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig, UperNetConfig
 
 try:  # transformers >= 5.2 moved the backbone helpers out of `utils`
     from transformers.backbone_utils import BackboneConfigMixin
@@ -248,4 +248,29 @@ class ExtremaConfig(BackboneConfigMixin, PretrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
-__all__ = ["ExtremaConfig", "PRESETS"]
+class ExtremaUperNetConfig(UperNetConfig):
+    r"""
+    Configuration of [`ExtremaForSemanticSegmentation`]: transformers' `UperNetConfig` whose `backbone_config` is an
+    [`ExtremaConfig`]. Its own `model_type` lets a saved segmentation folder map `AutoConfig` and
+    `AutoModelForSemanticSegmentation` to this project's remote code.
+    """
+
+    model_type = "extrema_upernet"
+
+    def to_dict(self):
+        # The backbone's own auto_map (and the folder it came from) would make UperNet build it with
+        # AutoBackbone.from_config as remote code of that folder; without them the classes this file and
+        # modeling_extrema.py register are used, where they are loaded from (this folder's copies, as remote code).
+        output = super().to_dict()
+        if isinstance(output.get("backbone_config"), dict):
+            backbone = output["backbone_config"]
+            output["backbone_config"] = {k: v for k, v in backbone.items() if k not in ("auto_map", "_name_or_path")}
+        return output
+
+
+# Registered on import, so that the backbone_config of a saved ExtremaUperNetConfig resolves ("extrema") wherever this
+# file is loaded, as remote code too, before any model class is.
+AutoConfig.register("extrema", ExtremaConfig, exist_ok=True)
+AutoConfig.register("extrema_upernet", ExtremaUperNetConfig, exist_ok=True)
+
+__all__ = ["ExtremaConfig", "ExtremaUperNetConfig", "PRESETS"]

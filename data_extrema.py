@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -337,8 +338,12 @@ def _normalize():
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def build_eval_transform(image_size: int, crop_pct: float = 0.875):
-    """Resize the short side to image_size / crop_pct, center crop, ImageNet normalisation: image -> (3, S, S)."""
+EVAL_CROP_PCT = 0.875  # the evaluation view: the centre 87.5% of the image after resizing its short side
+
+
+def build_eval_transform(image_size: int, crop_pct: float = EVAL_CROP_PCT):
+    """Resize the short side to image_size / crop_pct (bilinear, antialiased), center crop, ImageNet normalisation:
+    image -> (3, S, S). `build_image_processor` is the same transform as a transformers image processor."""
     return v2.Compose(
         [
             v2.ToImage(),
@@ -346,6 +351,28 @@ def build_eval_transform(image_size: int, crop_pct: float = 0.875):
             v2.CenterCrop(image_size),
             _normalize(),
         ]
+    )
+
+
+def build_image_processor(image_size: int, crop_pct: float = EVAL_CROP_PCT):
+    """`build_eval_transform` as the image processor an exported folder carries, so that
+    `AutoImageProcessor.from_pretrained(folder)` feeds a model the pixels its evaluation measured: the short side
+    resized to image_size / crop_pct (bilinear), a centre crop, ImageNet normalisation. transformers' default
+    (torchvision) backend reproduces the transform to float rounding; its PIL backend rounds the resized image to
+    8 bits (within 1/255 before normalisation)."""
+    from transformers import BitImageProcessor
+
+    return BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": int(image_size / crop_pct)},
+        resample=PIL.Image.Resampling.BILINEAR,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
     )
 
 
@@ -645,6 +672,13 @@ def round_robin(loader, num_workers: int, first_worker: int):
             wanted = (wanted + 1) % num_workers
 
 
+def ignore_stop_signals(worker_id: int):
+    """A DataLoader worker leaves SIGTERM and SIGINT to the training process, which saves a checkpoint when it gets
+    one and then stops the workers (a worker killed by the signal first would end the run with an error instead)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def training_batches(
     dataset, transform, noise_shape, position: StreamPosition, device, *, batch_size: int, num_workers: int, seed: int
 ):
@@ -669,6 +703,7 @@ def training_batches(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),  # so that making a loader never draws from the global RNG
+        worker_init_fn=ignore_stop_signals,
     )
     for batch in round_robin(loader, max(1, num_workers), position.batches % max(1, num_workers)):
         worker = int(batch["worker"][0])

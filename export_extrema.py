@@ -9,13 +9,14 @@ import logging
 import re
 from pathlib import Path
 
-from data_extrema import IMAGENET_MEAN, IMAGENET_STD
+from data_extrema import build_image_processor
 
 logger = logging.getLogger("export_extrema")
 
 
 def export_backbone(backbone, output_dir, **card_fields) -> Path:
-    """Save an `ExtremaModel` with `save_pretrained`, a `ViTImageProcessor` and a model card; returns the folder.
+    """Save an `ExtremaModel` with `save_pretrained`, its image processor (the evaluation transform, see
+    `data_extrema.build_image_processor`) and a model card; returns the folder.
 
     The folder loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`: the model classes call
     `register_for_auto_class`, so the config gets an `auto_map` and the modeling code is copied beside the weights.
@@ -25,15 +26,9 @@ def export_backbone(backbone, output_dir, **card_fields) -> Path:
     its dataset is a Hub id: knn["dataset"], else the first of `datasets`.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
-    from transformers import ViTImageProcessor
-
     output_dir = Path(output_dir)
     backbone.save_pretrained(output_dir, safe_serialization=True)
-    size = backbone.config.image_size
-    processor = ViTImageProcessor(
-        size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
-    )
-    processor.save_pretrained(output_dir)
+    build_image_processor(backbone.config.image_size).save_pretrained(output_dir)
 
     text = model_card_text(backbone.config, **card_fields)
     knn, datasets = card_fields.get("knn"), card_fields.get("datasets") or None

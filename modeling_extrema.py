@@ -33,7 +33,9 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
+    AutoModelForSemanticSegmentation,
     PreTrainedModel,
+    UperNetForSemanticSegmentation,
 )
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -47,9 +49,9 @@ except ImportError:
     from transformers.utils.backbone_utils import BackboneMixin
 
 try:  # loaded as remote code (a package made by transformers) or from this repository (a top-level module)
-    from .configuration_extrema import ExtremaConfig
+    from .configuration_extrema import ExtremaConfig, ExtremaUperNetConfig
 except ImportError:
-    from configuration_extrema import ExtremaConfig
+    from configuration_extrema import ExtremaConfig, ExtremaUperNetConfig
 
 
 @dataclass
@@ -944,6 +946,21 @@ class ExtremaForImageClassification(ExtremaPreTrainedModel):
         )
 
 
+class ExtremaForSemanticSegmentation(UperNetForSemanticSegmentation):
+    """transformers' `UperNetForSemanticSegmentation` on an [`ExtremaBackbone`] (the paper's Table 9 head), with the
+    config class that makes its saved folders load with `AutoModelForSemanticSegmentation` (trust_remote_code=True)
+    and `pipeline("image-segmentation")`. The feature maps are all at the patch grid's resolution (1 / patch_size):
+    UperNet's FPN fuses them at that one scale."""
+
+    config_class = ExtremaUperNetConfig
+
+    def __init__(self, config: ExtremaUperNetConfig):
+        # UperNet builds its backbone with AutoBackbone.from_config: map the backbone config's class (another copy
+        # of configuration_extrema.py's, when loaded as remote code) to this file's backbone
+        AutoBackbone.register(type(config.backbone_config), ExtremaBackbone, exist_ok=True)
+        super().__init__(config)
+
+
 # `save_pretrained` writes `auto_map` and copies this file and the configuration beside the weights, so a saved
 # folder or Hub repo loads with AutoModel.from_pretrained(path, trust_remote_code=True) without this project.
 ExtremaConfig.register_for_auto_class()
@@ -951,12 +968,15 @@ ExtremaModel.register_for_auto_class("AutoModel")
 ExtremaForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 ExtremaForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 ExtremaBackbone.register_for_auto_class("AutoBackbone")
+ExtremaUperNetConfig.register_for_auto_class()
+ExtremaForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 # In-process registration: the Auto classes resolve "extrema" once this module is imported.
 AutoConfig.register("extrema", ExtremaConfig, exist_ok=True)
 AutoModel.register(ExtremaConfig, ExtremaModel, exist_ok=True)
 AutoModelForPreTraining.register(ExtremaConfig, ExtremaForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(ExtremaConfig, ExtremaForImageClassification, exist_ok=True)
 AutoBackbone.register(ExtremaConfig, ExtremaBackbone, exist_ok=True)
+AutoModelForSemanticSegmentation.register(ExtremaUperNetConfig, ExtremaForSemanticSegmentation, exist_ok=True)
 
 __all__ = [
     "collapse_statistics",
@@ -964,6 +984,7 @@ __all__ = [
     "ExtremaForImageClassification",
     "ExtremaForPreTraining",
     "ExtremaForPreTrainingOutput",
+    "ExtremaForSemanticSegmentation",
     "ExtremaImageClassifierOutput",
     "ExtremaModel",
     "ExtremaModelOutput",

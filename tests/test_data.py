@@ -384,3 +384,23 @@ def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_proce
     assert sorted(label for _, label in subset(0, fraction=0.01)[1]) == [0, 1, 2, 3]
     with pytest.raises(de.UsageError, match="--label_fraction must be in"):
         de.label_fraction_keys(args, "train", 0)
+
+
+@pytest.mark.parametrize(
+    "image_size, width, height",
+    [(32, 50, 40), (32, 40, 50), (32, 37, 91), (32, 300, 200), (32, 33, 33), (32, 101, 67), (32, 32, 48),
+     (224, 500, 375), (224, 333, 500)],
+)  # fmt: skip
+def test_the_exported_processor_is_the_evaluation_transform(tmp_path, image_size, width, height):
+    """What AutoImageProcessor loads from an exported folder equals build_eval_transform on non-square images of
+    several sizes (short side resized to S / 0.875, centre crop, normalisation), to float rounding."""
+    from transformers import AutoImageProcessor
+
+    de.build_image_processor(image_size).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    pixels = np.random.default_rng(width * 1000 + height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(pixels)
+    expected = de.build_eval_transform(image_size)(image)
+    actual = processor(image, return_tensors="pt").pixel_values[0]
+    assert actual.shape == expected.shape == (3, image_size, image_size)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)

@@ -30,7 +30,7 @@ def test_export_loads_with_automodel_in_a_fresh_process(tmp_path):
         "from transformers import AutoImageProcessor, AutoModel\n"
         "model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
         "processor = AutoImageProcessor.from_pretrained(sys.argv[1])\n"
-        "assert processor.size == {'height': 32, 'width': 32}, processor.size\n"
+        "assert processor.crop_size == {'height': 32, 'width': 32}, processor.crop_size\n"
         "with torch.no_grad():\n"
         "    out = model(torch.load(sys.argv[2])).pooler_output\n"
         "torch.save(out, sys.argv[3])\n"
@@ -42,7 +42,7 @@ def test_export_loads_with_automodel_in_a_fresh_process(tmp_path):
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["ExtremaModel", "ViTImageProcessor"]
+    assert result.stdout.split() == ["ExtremaModel", "BitImageProcessor"]
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-5, rtol=1e-5)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_extrema.ExtremaModel"

@@ -1,0 +1,135 @@
+"""Segmentation with UperNet on the backbone (scripts/eval_segmentation.py): metrics, a short fine-tune on synthetic
+data (CIFAR-10 objects on textures), and the saved folder as a user loads it."""
+
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from _isolated import run_isolated
+from _segmentation_data import NUM_LABELS, write_segmentation_parquet
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import eval_segmentation  # noqa: E402
+from _eval_common import UsageError  # noqa: E402
+from configuration_extrema import ExtremaConfig  # noqa: E402
+from modeling_extrema import ExtremaModel  # noqa: E402
+
+
+def test_metrics_match_a_hand_computed_reference():
+    labels = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    predictions = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 3]])
+    confusion = eval_segmentation.confusion_matrix(predictions, labels, num_labels=4, ignore_index=255)
+    assert confusion.sum() == 7  # the ignored pixel is left out
+    metrics = eval_segmentation.segmentation_metrics(confusion)
+    # class 0: 1 hit, annotated 2, predicted 2 -> 1 / 3; class 1: 2 / (3 + 3 - 2) = 1 / 2; class 2: 1 / (2 + 1 - 1)
+    # = 1 / 2; class 3: predicted once, never annotated -> 0; present in all four
+    iou = [1 / 3, 1 / 2, 1 / 2, 0.0]
+    assert metrics["per_class_iou"] == pytest.approx([100 * v for v in iou])
+    assert metrics["mean_iou"] == pytest.approx(100 * sum(iou) / 4)
+    assert metrics["pixel_accuracy"] == pytest.approx(100 * 4 / 7)
+    absent = eval_segmentation.segmentation_metrics(torch.tensor([[3, 0, 0], [1, 2, 0], [0, 0, 0]]))
+    assert absent["per_class_iou"][2] is None and absent["mean_iou"] == pytest.approx(100 * (3 / 4 + 2 / 3) / 2)
+
+
+def test_out_indices_spread_over_the_blocks():
+    assert eval_segmentation.default_out_indices(12) == [3, 6, 9, 12]
+    assert eval_segmentation.default_out_indices(4) == [1, 2, 3, 4]
+    assert eval_segmentation.default_out_indices(2) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def segmentation_dir(tmp_path_factory, request):
+    from conftest import SHARED, shared_path
+
+    cifar10_dir = shared_path("EXTREMA_CIFAR10_DIR", SHARED / "data" / "cifar10")
+    folder = tmp_path_factory.mktemp("segmentation")
+    write_segmentation_parquet(folder, cifar10_dir, "train", num_images=32, seed=0)
+    masks = write_segmentation_parquet(folder, cifar10_dir, "validation", num_images=8, seed=1, cifar_split="test")
+    return folder, masks
+
+
+def test_synthetic_masks_mark_the_pasted_objects(segmentation_dir):
+    import datasets
+
+    folder, masks = segmentation_dir
+    rows = datasets.load_dataset("parquet", data_files=str(folder / "validation-*.parquet"), split="train")
+    assert rows.column_names == ["image", "annotation"] and len(rows) == 8
+    for row, mask in zip(rows, masks):
+        annotation = np.asarray(row["annotation"])
+        assert np.array_equal(annotation, mask) and annotation.shape == (32, 32)
+        objects = np.unique(annotation[annotation > 0])
+        assert len(objects) == 1 and 1 <= objects[0] < NUM_LABELS  # one CIFAR-10 object on the background (0)
+        assert 16 * 16 <= (annotation > 0).sum() <= 24 * 24
+
+
+def test_a_short_finetune_reports_its_predictions_miou_and_saves_a_folder_that_loads(segmentation_dir, tmp_path):
+    from transformers import AutoModelForSemanticSegmentation
+
+    folder, masks = segmentation_dir
+    torch.manual_seed(0)
+    config = ExtremaConfig.from_preset(
+        "tiny", patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mask_ratio=0.75
+    )
+    ExtremaModel(config).save_pretrained(tmp_path / "backbone")
+    args = ["--model_name_or_path", str(tmp_path / "backbone"), "--train_dir", str(folder),
+            "--output_dir", str(tmp_path / "out"), "--num_labels", str(NUM_LABELS), "--num_workers", "0",
+            "--max_train_steps", "4", "--warmup_steps", "1", "--batch_size", "8", "--decoder_hidden_size", "16",
+            "--mixed_precision", "no", "--learning_rate", "1e-3"]  # fmt: skip
+    results = eval_segmentation.main(args)
+    assert (results["steps"], results["num_pixels"], results["out_indices"]) == (4, 8 * 32 * 32, [0, 1, 2])
+
+    # the reported metrics are those of the saved model's predictions on the validation images, recomputed here
+    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "out" / "model", trust_remote_code=True).eval()
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out" / "model")
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(folder / "validation-*.parquet"), split="train")
+    inputs = processor(images=[row["image"] for row in rows], return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(**inputs).logits.argmax(dim=1).numpy()  # (8, 32, 32)
+    labels = np.stack(masks)
+    ious = []
+    for k in range(NUM_LABELS):
+        union = ((predictions == k) | (labels == k)).sum()
+        if union:
+            ious.append(((predictions == k) & (labels == k)).sum() / union)
+    assert results["mean_iou"] == pytest.approx(100 * np.mean(ious), abs=1e-6)
+    assert results["pixel_accuracy"] == pytest.approx(100 * (predictions == labels).mean(), abs=1e-6)
+
+    # a user without this project: AutoModelForSemanticSegmentation and the pipeline, as remote code
+    image = rows[0]["image"]
+    image.save(tmp_path / "image.png")
+    expected = processor.post_process_semantic_segmentation(
+        model(**processor(images=image, return_tensors="pt")), target_sizes=[(32, 32)]
+    )[0]
+    result = run_isolated(
+        f"""
+        import numpy as np, PIL.Image, torch
+        from transformers import AutoModelForSemanticSegmentation, pipeline
+        model = AutoModelForSemanticSegmentation.from_pretrained({str(tmp_path / "out" / "model")!r},
+                                                                 trust_remote_code=True)
+        assert type(model).__name__ == "ExtremaForSemanticSegmentation", type(model)
+        segmenter = pipeline("image-segmentation", model={str(tmp_path / "out" / "model")!r}, trust_remote_code=True)
+        label_map = np.full((32, 32), -1)
+        for segment in segmenter(PIL.Image.open("image.png")):
+            label_map[np.asarray(segment["mask"]) > 0] = int(segment["label"].split("_")[-1])
+        np.save("label_map.npy", label_map)
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "label_map.npy"), expected.numpy())
+
+
+def test_an_invalid_setting_writes_nothing(tmp_path):
+    with pytest.raises(UsageError, match="--layer_decay must be in"):
+        eval_segmentation.main(["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out"),
+                                "--layer_decay", "0"])  # fmt: skip
+    assert not (tmp_path / "out").exists()
