@@ -44,10 +44,12 @@ from _eval_common import (
     add_eval_args,
     build_classifier,
     evaluate,
+    label_fraction_subset,
     load_extrema,
     parse_checked,
     resolve_validation_split,
     run,
+    split_loader,
     split_size_and_classes,
     write_results,
 )
@@ -59,8 +61,6 @@ from data_extrema import (
     StreamPosition,
     build_eval_transform,
     example_seed,
-    label_fraction_keys,
-    labelled_loader,
 )
 from train_extrema import resolve_mixed_precision, resume, save_checkpoint
 
@@ -289,7 +289,7 @@ def main(argv=None):
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
     num_labels = args.num_labels or num_labels
-    subset = label_fraction_keys(args, args.train_split, args.label_fraction) if args.label_fraction else None
+    subset = label_fraction_subset(args, args.train_split)
     num_train = len(subset) if subset is not None else num_train
     if num_train < args.batch_size:
         raise UsageError(f"The training split has {num_train} images, fewer than --batch_size {args.batch_size}.")
@@ -297,10 +297,10 @@ def main(argv=None):
 
     auto_augment = None if args.auto_augment == "none" else args.auto_augment
     train_transform = SeededTransform(finetune_transform(image_size, auto_augment, args.reprob), args.seed)
-    train_loader = labelled_loader(
+    train_loader = split_loader(
         args, args.train_split, train_transform, args.max_train_samples, shuffle=True, subset_keys=subset
     )
-    eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
+    eval_loader = split_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
     mixup = build_mixup(args, num_labels)
 
     total_batch = args.batch_size * accelerator.num_processes
