@@ -10,6 +10,7 @@
 import errno
 import math
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -17,6 +18,15 @@ from pathlib import Path
 
 class UsageError(ValueError):
     """A mistake in the command line or the data that the user can fix; printed without a traceback."""
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal (SIGTERM before a preemption, Ctrl-C) after saving its state; the message says how to
+    resume. `exit_code`: 128 + the signal's number, as a shell reports a process killed by it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,6 +103,24 @@ def describe_os_error(error: OSError, path=None) -> str:
 
 
 USER_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+# How libraries that wrap the OS error report a full disk: torch's zip writer ("unexpected pos"), safetensors (Rust)
+DISK_FULL_HINTS = ("No space left", "unexpected pos", "StorageFull", "code: 28", "file write failed")
+
+
+def write_error_message(error: Exception, path) -> str | None:
+    """One line for a failed write to `path` that the user can act on (a full disk, a missing permission), else
+    None. A full disk is recognised from the error, or from the disk having less than 1% or 64 MiB free."""
+    if isinstance(error, OSError) and error.errno in USER_ERRNOS:
+        return describe_os_error(error, path)
+    text = str(error)
+    try:
+        usage = shutil.disk_usage(Path(path).parent if not Path(path).exists() else path)
+        nearly_full = usage.free < max(64 * 2**20, usage.total // 100)
+    except OSError:
+        nearly_full = False
+    if nearly_full or any(hint in text for hint in DISK_FULL_HINTS):
+        return describe_os_error(OSError(errno.ENOSPC, "No space left on device", str(path)))
+    return None
 
 
 def prepare_output_dir(path, flag: str = "--output_dir") -> Path:
@@ -158,6 +186,9 @@ def run_cli(main, argv=None):
         return main(argv)
     except (UsageError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
+    except Interrupted as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); nothing more was written.", file=sys.stderr)
         sys.exit(130)

@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -671,6 +672,13 @@ def round_robin(loader, num_workers: int, first_worker: int):
             wanted = (wanted + 1) % num_workers
 
 
+def ignore_stop_signals(worker_id: int):
+    """A DataLoader worker leaves SIGTERM and SIGINT to the training process, which saves a checkpoint when it gets
+    one and then stops the workers (a worker killed by the signal first would end the run with an error instead)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def training_batches(
     dataset, transform, noise_shape, position: StreamPosition, device, *, batch_size: int, num_workers: int, seed: int
 ):
@@ -695,6 +703,7 @@ def training_batches(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),  # so that making a loader never draws from the global RNG
+        worker_init_fn=ignore_stop_signals,
     )
     for batch in round_robin(loader, max(1, num_workers), position.batches % max(1, num_workers)):
         worker = int(batch["worker"][0])

@@ -29,8 +29,12 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,8 +44,24 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from cli_extrema import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION,
+    OPEN_UNIT,
+    POSITIVE,
+    SEED,
+    Interrupted,
+    check_ranges,
+    fsync_dir,
+    fsync_tree,
+    prepare_output_dir,
+    run_cli,
+    write_error_message,
+)
 from configuration_extrema import PRESETS, ExtremaConfig
 from data_extrema import (
     AUGMENTATIONS,
@@ -317,22 +337,18 @@ def flags_as_argv(flags: dict) -> list[str]:
 
 
 # The valid values of the numeric flags (a flag that is not given, None, is always valid), checked by `check_flags`
-AT_LEAST_0 = (lambda value: value >= 0, "at least 0")
-AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
-POSITIVE = (lambda value: value > 0, "greater than 0")
-FRACTION = (lambda value: 0 <= value < 1, "in [0, 1)")
 FLAG_RANGES = {
     "mask_ratio": FRACTION,
     "num_masks": AT_LEAST_1,
     "drop_path_rate": FRACTION,
-    "crop_min": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "crop_min": OPEN_UNIT,
     "per_device_train_batch_size": AT_LEAST_1,
     "total_batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1,
     "num_train_epochs": POSITIVE,
     "max_train_steps": AT_LEAST_1,
     "steps_per_epoch": AT_LEAST_1,
-    "learning_rate": AT_LEAST_0,
+    "learning_rate": POSITIVE,
     "min_learning_rate": AT_LEAST_0,
     "warmup_epochs": AT_LEAST_0,
     "warmup_steps": AT_LEAST_0,
@@ -340,9 +356,9 @@ FLAG_RANGES = {
     "adam_beta1": FRACTION,
     "adam_beta2": FRACTION,
     "max_grad_norm": AT_LEAST_0,  # 0, as None: no clipping
-    "ema_momentum": (lambda value: 0 < value <= 1, "in (0, 1]"),  # 1: a teacher that never moves
+    "ema_momentum": OPEN_UNIT,  # 1: a teacher that never moves
     "predictor_lr_multiplier": AT_LEAST_0,
-    "seed": (lambda value: 0 <= value < 2**32, "in [0, 2**32)"),  # numpy's seeds
+    "seed": SEED,
     "checkpointing_steps": AT_LEAST_0,  # the "every N steps" flags: 0, as None, is never
     "keep_checkpoints": AT_LEAST_0,  # 0: all of them
     "stop_after_steps": AT_LEAST_0,
@@ -360,15 +376,13 @@ FLAG_RANGES = {
 
 
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Every float flag finite and every flag of `FLAG_RANGES` in its range; returns `args`. A value out of range
-    ends the command with the flag's name (`parser.error`), as argparse does for a value of the wrong type."""
-    for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            parser.error(f"--{name} must be a finite number, got {value}.")
-        valid, phrase = FLAG_RANGES.get(name, (None, None))
-        if value is not None and valid and not valid(value):
-            parser.error(f"--{name} must be {phrase}, got {value}.")
-    return args
+    """Every float flag finite and every flag of `FLAG_RANGES` in its range (`cli_extrema.check_ranges`, as every
+    script checks its flags); returns `args`. A value out of range ends the command with the flag's name
+    (`parser.error`), as argparse does for a value of the wrong type."""
+    try:
+        return check_ranges(args, FLAG_RANGES)
+    except UsageError as error:
+        parser.error(str(error))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,6 +399,11 @@ def open_training_data(accelerator, args):
     rank, world_size = accelerator.process_index, accelerator.num_processes
     dataset = rank_dataset(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
     validation_split = None
+    if not args.skip_knn and "label" not in raw.column_names:
+        logger.warning(
+            "The split %r has no labels (columns: %s): no kNN accuracy. Name the label column with --label_column, "
+            "or pass --skip_knn.", args.train_split, raw.column_names,
+        )  # fmt: skip
     if not args.skip_knn and "label" in raw.column_names:
         validation_split = args.validation_split or default_validation_split(builder)
         if validation_split is None:
@@ -421,10 +440,16 @@ def plan_schedule(args, num_examples: int | None, world_size: int) -> Schedule:
         raise UsageError(f"Cannot tell how many images the training split has{known}; pass --steps_per_epoch.")
     total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    peak_lr = args.learning_rate * total_batch / 256
+    if args.min_learning_rate > peak_lr:
+        raise UsageError(
+            f"--min_learning_rate {args.min_learning_rate} is above the peak lr {peak_lr:.3g} (--learning_rate "
+            f"{args.learning_rate} x batch {total_batch} / 256): the cosine would raise the lr; lower it."
+        )
     return Schedule(
         per_device_batch=per_device,
         total_batch=total_batch,
-        peak_lr=args.learning_rate * total_batch / 256,
+        peak_lr=peak_lr,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         warmup_steps=min(warmup, total_steps - 1),
@@ -591,23 +616,34 @@ def list_checkpoints(output_dir) -> list[Path]:
 
 
 def save_checkpoint(accelerator, folder: Path, step: int, position: StreamPosition, keep: int | None = None):
-    """Full training state into `folder`: written to folder.tmp, then renamed, so a kill never leaves half of one."""
+    """Full training state into `folder`: written to folder.tmp, flushed to disk (files and folders), then renamed,
+    so that neither a kill nor a power loss leaves half of one. A full disk or a missing permission is a UsageError
+    that says so (the partial folder is removed)."""
     tmp = folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, RNG states of every process
-    state = {"step": step, "world_size": accelerator.num_processes, "position": position.to_json()}
-    (tmp / f"stream_rank{accelerator.process_index}.json").write_text(json.dumps(state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-        if keep:
-            older = [p for p in list_checkpoints(folder.parent) if p != folder]
-            for old in older[: max(0, len(older) - (keep - 1))]:
-                shutil.rmtree(old)
+    try:
+        accelerator.save_state(str(tmp))  # model, optimizer, RNG states of every process
+        state = {"step": step, "world_size": accelerator.num_processes, "position": position.to_json()}
+        (tmp / f"stream_rank{accelerator.process_index}.json").write_text(json.dumps(state))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            fsync_tree(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+            fsync_dir(folder.parent)
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch says "unexpected pos ..." when the disk is full
+        message = write_error_message(error, tmp)
+        if message is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"Cannot save the checkpoint {folder.name}: {message}") from error
+    if accelerator.is_main_process and keep:
+        older = [p for p in list_checkpoints(folder.parent) if p != folder]
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
@@ -621,13 +657,29 @@ def load_checkpoint(accelerator, folder: Path) -> tuple[int, StreamPosition]:
             f"{folder} was written by {state['world_size']} processes; resume it with the same number "
             f"(this run has {accelerator.num_processes}) so that every rank continues its own stream."
         )
-    accelerator.load_state(str(folder))
+    try:
+        accelerator.load_state(str(folder))
+    except RuntimeError as error:
+        mismatch = re.search(r"(size mismatch for [^:]+|Missing key\(s\)|Unexpected key\(s\))", str(error))
+        if mismatch is None:
+            raise
+        raise UsageError(
+            f"{folder} was saved from another model than the one this run builds ({mismatch.group(1)}); resume "
+            "with the --model_config (and model flags) of the run that wrote it."
+        ) from error
     return state["step"], StreamPosition.from_json(state["position"])
 
 
+# What a damaged checkpoint raises while it is read: a truncated safetensors or torch file, a broken JSON, a missing file
+DAMAGED_CHECKPOINT_ERRORS = (
+    OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError
+)  # fmt: skip
+
+
 def resume(accelerator, args) -> tuple[int, StreamPosition]:
-    """Load --resume_from_checkpoint ('latest': the newest in --output_dir) into the prepared model and optimizer (and
-    the RNG states); returns the step and this rank's stream position to continue from, (0, the start) without one."""
+    """Load --resume_from_checkpoint ('latest': the newest in --output_dir that can be read, trying older ones when it
+    is damaged) into the prepared model and optimizer (and the RNG states); returns the step and this rank's stream
+    position to continue from, (0, the start) without one."""
     if not args.resume_from_checkpoint:
         return 0, StreamPosition()
     if args.resume_from_checkpoint == "latest":
@@ -635,16 +687,64 @@ def resume(accelerator, args) -> tuple[int, StreamPosition]:
         if not folders:
             logger.info("No checkpoint in %s: starting from scratch.", args.output_dir)
             return 0, StreamPosition()
-        folder = folders[-1]
     else:
-        folder = Path(args.resume_from_checkpoint)
-    step, position = load_checkpoint(accelerator, folder)
-    logger.info("Resumed from %s at step %d (epoch %d).", folder, step, position.epoch)
-    return step, position
+        folders = [Path(args.resume_from_checkpoint)]
+    for folder in reversed(folders):
+        try:
+            step, position = load_checkpoint(accelerator, folder)
+        except UsageError:
+            raise
+        except DAMAGED_CHECKPOINT_ERRORS as error:
+            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+            if folder == folders[0]:  # the oldest: nothing left to try
+                raise UsageError(
+                    f"Cannot resume from {folder}: it cannot be read ({reason}) and there is no older checkpoint. "
+                    "Start again without --resume_from_checkpoint, or give another checkpoint folder."
+                ) from error
+            logger.warning("Skipping %s: it cannot be read (%s); trying the checkpoint before it.", folder, reason)
+            continue
+        logger.info("Resumed from %s at step %d (epoch %d).", folder, step, position.epoch)
+        return step, position
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The training loop: `main`, and the pieces of a step and of its logs
+
+
+class StopSignals:
+    """SIGTERM (what a cluster sends before it preempts a job) and SIGINT (Ctrl-C) ask the loop to stop after the
+    step it is in: it saves a checkpoint and ends with a message saying how to resume. A second Ctrl-C stops at once.
+
+    The processes agree on stopping (`requested` all-reduces the flag), so they save the same step together.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python handles signals in the main thread only
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("Received %s: the state is saved after this step.", signal.Signals(signum).name)
+
+    def requested(self, accelerator) -> int | None:
+        """The signal received (by any process), or None."""
+        received = self.received or 0
+        if accelerator.num_processes > 1:
+            flag = torch.tensor(float(received), device=accelerator.device)
+            received = int(accelerator.reduce(flag, "max").item())
+        return received or None
 
 
 def bf16_is_native() -> bool:
@@ -893,6 +993,13 @@ def train(**flags) -> dict | None:
 def main(argv=None):
     """The command line: `argv` (a list of flags, default sys.argv) or parsed arguments; returns the run's results."""
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    prepare_output_dir(args.output_dir)  # a folder that cannot be written stops the run now, not at its end
+    with StopSignals() as stop_signals:
+        return train_loop(args, stop_signals)
+
+
+def train_loop(args, stop_signals):
+    """`main` once the output folder is known to be writable and the stop signals are caught."""
     accelerator = make_accelerator(args)
     output_dir, device = Path(args.output_dir), accelerator.device
 
@@ -964,6 +1071,18 @@ def main(argv=None):
             logger.info("Stopped after step %d (--stop_after_steps); continue with --resume_from_checkpoint.", step)
             accelerator.end_training()
             return None
+        received = stop_signals.requested(accelerator)
+        if received:
+            folder = output_dir / f"checkpoint-{step}"
+            if not (args.checkpointing_steps and step % args.checkpointing_steps == 0):  # not saved just above
+                save_checkpoint(accelerator, folder, step, position, args.keep_checkpoints)
+            progress.bar.close()
+            accelerator.end_training()
+            raise Interrupted(
+                f"stopped by {signal.Signals(received).name} at step {step} of {schedule.total_steps}; the state is "
+                f"saved in {folder}. Resume with the same flags and --resume_from_checkpoint latest.",
+                128 + received,
+            )
     progress.bar.close()
     del batches  # stops the DataLoader workers
 
@@ -1012,7 +1131,4 @@ def export_final(accelerator, teacher, args, recipe: dict, step: int, knn_start,
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as error:
-        sys.exit(f"error: {error}")
+    run_cli(main)

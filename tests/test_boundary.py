@@ -6,6 +6,8 @@ Each case runs the entry point in this process through `cli_extrema.run_cli`, as
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -299,3 +301,161 @@ print(type(load_extrema({str(folder)!r})).__module__)
     assert result.returncode == 0, result.stderr[-2000:]
     remote, installed = result.stdout.split()[-2:]
     assert remote.startswith("transformers_modules.") and installed == "modeling_extrema"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: refusals, preemption, damaged checkpoints
+
+# a few optimizer steps of the tiny network on 32 px images, without kNN or trackers (as tests/test_train.py)
+TRAIN = ["--report_to", "none", "--skip_knn", "--per_device_train_batch_size", "8", "--drop_path_rate", "0",
+         "--mixed_precision", "no", "--max_train_steps", "6", "--num_workers", "1", "--shuffle_buffer_size", "16",
+         "--learning_rate", "1e-2", "--warmup_steps", "2", "--logging_steps", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    from _train_data import write_image_parquet
+
+    folder = tmp_path_factory.mktemp("train_data")
+    write_image_parquet(folder, num_images=40, num_shards=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_go(train_data, tmp_path_factory):
+    """The uninterrupted run that interrupted and resumed runs must equal."""
+    import train_extrema
+
+    output_dir = tmp_path_factory.mktemp("one_go")
+    train_extrema.main(TRAIN + ["--train_dir", str(train_data), "--output_dir", str(output_dir)])
+    return load_file(str(output_dir / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def signal_after_step(step: int, signum: int) -> str:
+    """Python that makes the process send itself `signum` during optimizer step `step` (as a cluster would)."""
+    return f"""
+import os, signal, train_extrema
+calls = []
+step = train_extrema.optimizer_step
+def optimizer_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {step}:
+        os.kill(os.getpid(), {int(signum)})
+    return step(*args, **kwargs)
+train_extrema.optimizer_step = optimizer_step
+"""
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_one_go(train_data, one_go, tmp_path):
+    import train_extrema
+
+    output_dir = tmp_path / "preempted"
+    argv = TRAIN + ["--train_dir", str(train_data), "--output_dir", str(output_dir)]
+    code = signal_after_step(3, signal.SIGTERM) + f"from cli_extrema import run_cli\nrun_cli(train_extrema.main, {argv})"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: stopped by SIGTERM at step 3 of 6")
+    assert "--resume_from_checkpoint latest" in errors[0]
+    assert [p.name for p in train_extrema.list_checkpoints(output_dir)] == ["checkpoint-3"]
+    assert not (output_dir / "final").exists()
+
+    resumed = train_extrema.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert resumed["step"] == 6
+    assert_same_weights(one_go, load_file(str(output_dir / "final" / "model.safetensors")))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(train_data, tmp_path, monkeypatch, capsys):
+    import train_extrema
+
+    namespace = {}
+    exec(signal_after_step(2, signal.SIGINT), namespace)  # patches train_extrema.optimizer_step
+    monkeypatch.setattr(train_extrema, "optimizer_step", namespace["optimizer_step"])
+    output_dir = tmp_path / "interrupted"
+    argv = TRAIN + ["--train_dir", str(train_data), "--output_dir", str(output_dir)]
+    code, stderr = run_entry_point(train_extrema, argv, capsys)
+    assert code == 130 and "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")][0].startswith(
+        "error: stopped by SIGINT at step 2"
+    )
+    assert (output_dir / "checkpoint-2" / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(train_data, one_go, tmp_path, capfd):
+    import train_extrema
+
+    output_dir = tmp_path / "damaged"
+    argv = TRAIN + ["--train_dir", str(train_data), "--output_dir", str(output_dir), "--checkpointing_steps", "2"]
+    assert train_extrema.main(argv + ["--stop_after_steps", "4"]) is None
+    weights = output_dir / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    resumed = train_extrema.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert resumed["step"] == 6
+    assert re.search(r"Skipping \S*checkpoint-4: it cannot be read \(SafetensorError", capfd.readouterr().err)
+    assert_same_weights(one_go, load_file(str(output_dir / "final" / "model.safetensors")))
+
+
+def test_training_refusals_are_one_line(train_data, tmp_path, monkeypatch, capsys):
+    import accelerate
+
+    import train_extrema
+    from modeling_extrema import ExtremaForPreTraining
+
+    def run(extra, output_dir):
+        argv = TRAIN + ["--train_dir", str(train_data), "--output_dir", str(output_dir), *extra]
+        return run_entry_point(train_extrema, argv, capsys)
+
+    (tmp_path / "a_file").write_text("")
+    code, stderr = run([], tmp_path / "a_file" / "out")
+    assert_refused(code, stderr, "--output_dir", tmp_path)
+    code, stderr = run(["--min_learning_rate", "0.5"], tmp_path / "min_lr")
+    assert_refused(code, stderr, "--min_learning_rate 0.5 is above the peak lr", tmp_path)
+
+    # a checkpoint of the tiny model, resumed with another --model_config
+    assert run(["--checkpointing_steps", "1", "--stop_after_steps", "1"], tmp_path / "other")[0] == 0
+    config = tmp_path / "wider.json"
+    config.write_text(ExtremaConfig.from_preset("tiny", hidden_size=64).to_json_string())
+    code, stderr = run(["--model_config", str(config), "--resume_from_checkpoint", "latest"], tmp_path / "other")
+    assert_refused(code, stderr, "saved from another model", tmp_path / "other")
+
+    # a full disk while a checkpoint is written: torch says "unexpected pos"
+    def full_disk(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 4024")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full_disk)
+    code, stderr = run(["--checkpointing_steps", "1"], tmp_path / "full")
+    assert_refused(code, stderr, "no space left on", tmp_path / "full")
+    assert not (tmp_path / "full" / "checkpoint-1.tmp").exists()
+    monkeypatch.undo()
+
+    # a loss that is not finite: the state is saved, one line says where
+    class Diverging(ExtremaForPreTraining):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.loss = output.loss * float("nan")
+            return output
+
+    monkeypatch.setattr(train_extrema, "ExtremaForPreTraining", Diverging)
+    code, stderr = run([], tmp_path / "nan")
+    assert_refused(code, stderr, "The loss is nan at step 0", tmp_path / "nan")
+    assert (tmp_path / "nan" / "nonfinite-step-0" / "model.safetensors").exists()
+
+
+def test_training_on_unlabelled_data_says_that_knn_is_off(tmp_path, capfd):
+    import train_extrema
+
+    (tmp_path / "data").mkdir()
+    write_split(tmp_path / "data", "train", images(16))
+    argv = [flag for flag in TRAIN if flag != "--skip_knn"]
+    train_extrema.main(argv + ["--train_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
+                               "--max_train_steps", "1"])  # fmt: skip
+    assert re.search(r"WARNING The split 'train' has no labels .*: no kNN accuracy", capfd.readouterr().err)

@@ -346,7 +346,8 @@ def test_flags_from_python_act_like_the_command_line():
     "argv, overrides, message",
     [
         (["--per_device_train_batch_size", "0"], {}, "--per_device_train_batch_size must be at least 1, got 0."),
-        (["--learning_rate", "-1"], {}, "--learning_rate must be at least 0, got -1.0."),
+        (["--learning_rate", "-1"], {}, "--learning_rate must be greater than 0, got -1.0."),
+        (["--learning_rate", "0"], {}, "--learning_rate must be greater than 0, got 0.0."),
         (["--knn_k", "0"], {}, "--knn_k must be at least 1, got 0."),
         (["--logging_steps", "0"], {}, "--logging_steps must be at least 1, got 0."),
         (["--num_train_epochs", "0"], {}, "--num_train_epochs must be greater than 0, got 0.0."),
