@@ -35,8 +35,10 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        # parameterized: imported by transformers' common model tests (tests/test_transformers_common.py)
-        "test": ["pytest>=8", "matplotlib", "parameterized"],
+        # parameterized: imported by transformers' common model tests (tests/test_transformers_common.py); the onnx
+        # packages: tests/test_onnx.py
+        "test": ["pytest>=8", "matplotlib", "parameterized", "onnx", "onnxscript", "onnxruntime"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],  # scripts/export_onnx.py
         "plots": ["matplotlib"],
         "wandb": ["wandb"],
     },
