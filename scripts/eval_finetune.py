@@ -30,11 +30,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from timm.data import Mixup, create_transform
+from timm.data import auto_augment as timm_auto_augment
 from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
@@ -185,10 +187,18 @@ def layer_decay_param_groups(model, weight_decay: float, layer_decay: float) -> 
     return list(groups.values())
 
 
+def posterize(image, bits_to_keep, **kwargs):
+    """timm's posterize op for any Pillow: keeping 0 bits (the strongest "PosterizeIncreasing", drawn whenever the
+    magnitude noise reaches 10) gives a black image, as Pillow did before it refused 0 bits."""
+    if bits_to_keep <= 0:
+        return PIL.Image.new(image.mode, image.size)
+    return timm_auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
 def finetune_transform(image_size: int, auto_augment: str | None = RANDAUGMENT, reprob: float = 0.25):
     """timm's training transform with MAE's fine-tuning settings: RandomResizedCrop (bicubic) + flip, RandAugment
     `auto_augment` (None: off), no colour jitter, ImageNet normalisation, random erasing `reprob` in pixel mode."""
-    return create_transform(
+    transform = create_transform(
         input_size=image_size,
         is_training=True,
         color_jitter=None,
@@ -200,6 +210,11 @@ def finetune_transform(image_size: int, auto_augment: str | None = RANDAUGMENT, 
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
+    for step in transform.transforms:
+        for op in getattr(step, "ops", []):  # RandAugment's ops
+            if op.aug_fn is timm_auto_augment.posterize:
+                op.aug_fn = posterize
+    return transform
 
 
 @contextlib.contextmanager
