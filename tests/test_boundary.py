@@ -5,6 +5,7 @@ Each case runs the entry point in this process through `cli_extrema.run_cli`, as
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -45,6 +46,15 @@ SCRIPTS = {
     "convert_official_checkpoint": convert_official_checkpoint,
 }
 TINY = dict(patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mask_ratio=0.75)
+
+
+@pytest.fixture(autouse=True)
+def no_stale_log_handlers():
+    """train_extrema's logging.basicConfig binds the root logger to the stderr of the test that ran it, which pytest
+    closes afterwards: later logging would print a logging error (with a traceback) into this test's stderr."""
+    logging.root.handlers.clear()
+    yield
+    logging.root.handlers.clear()
 
 
 def write_split(folder, split, images, labels=None, label_feature=None):
