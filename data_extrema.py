@@ -156,6 +156,22 @@ def _local_format(data_dir: Path) -> str:
     return "imagefolder"
 
 
+def check_parquet_footers(folder: Path):
+    """Read the footer (the metadata) of every Parquet file under `folder`: a truncated or damaged shard is named
+    before training starts rather than failing somewhere in the stream."""
+    import pyarrow
+    import pyarrow.parquet
+
+    for path in sorted(folder.rglob("*.parquet")):
+        try:
+            pyarrow.parquet.read_metadata(path)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise UsageError(
+                f"{path} is not a readable Parquet file ({str(error).splitlines()[0]}): it is truncated or damaged; "
+                "write or download it again, or move it out of --train_dir."
+            ) from error
+
+
 def open_dataset(dataset_name=None, dataset_config=None, train_dir=None, fashion_mnist_dir=FASHION_MNIST_DIR):
     """A `datasets` builder for the data source (not downloaded: only its split files and metadata are resolved)."""
     if dataset_name and train_dir:
@@ -167,7 +183,10 @@ def open_dataset(dataset_name=None, dataset_config=None, train_dir=None, fashion
             train_dir = Path(train_dir)
             if not train_dir.is_dir():
                 raise UsageError(f"--train_dir {train_dir} is not a folder.")
-            return datasets.load_dataset_builder(_local_format(train_dir), data_dir=str(train_dir))
+            data_format = _local_format(train_dir)
+            if data_format == "parquet":
+                check_parquet_footers(train_dir)
+            return datasets.load_dataset_builder(data_format, data_dir=str(train_dir))
         return datasets.load_dataset_builder(dataset_name, dataset_config)
     except (FileNotFoundError, ConnectionError) as error:
         raise UsageError(
@@ -234,6 +253,8 @@ def load_raw_stream(builder, split="train", image_column=None, label_column=None
     try:
         ds = builder.as_streaming_dataset(split=split)
     except ValueError as error:  # datasets: "Bad split: X. Available splits: [...]"
+        if split in split_names(builder):  # the split exists: its files are what cannot be read
+            raise UsageError(f"Cannot read the split {split!r}: {str(error).splitlines()[0]}") from error
         raise UsageError(f"The dataset has no split {split!r}; its splits are {split_names(builder)}.") from error
     features = ds.features
     if features is None:  # some streaming formats only know their columns after the first row
@@ -243,8 +264,28 @@ def load_raw_stream(builder, split="train", image_column=None, label_column=None
     ds = ds.select_columns(columns)
     if isinstance(features.get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))  # we decode, so bad images can be skipped
+    label_feature = features.get(label_column) if label_column else None
+    if isinstance(label_feature, datasets.Value) and label_feature.dtype in ("string", "large_string"):
+        ds = ds.cast_column(label_column, datasets.ClassLabel(names=class_names(builder, label_column)))
     renames = {image_column: "image", **({label_column: "label"} if label_column else {})}
     return ds.rename_columns({old: new for old, new in renames.items() if old != new})
+
+
+_CLASS_NAMES = {}
+
+
+def class_names(builder, label_column: str) -> list[str]:
+    """The class names of a column of string labels: its distinct values over every split, sorted, so that class i
+    is the same name in every split. Read once per dataset (the label column only, no image is decoded)."""
+    key = (builder.info.builder_name, builder.config.name, repr(builder.config.data_files), label_column)
+    if key not in _CLASS_NAMES:
+        names = set()
+        for split in split_names(builder):
+            stream = builder.as_streaming_dataset(split=split).select_columns([label_column])
+            names.update(str(row[label_column]) for row in stream if row[label_column] is not None)
+        _CLASS_NAMES[key] = sorted(names)
+        logger.info("String labels in %r: %d classes, numbered in sorted order.", label_column, len(names))
+    return _CLASS_NAMES[key]
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -479,9 +479,17 @@ def build_config(args) -> ExtremaConfig:
         if path.is_file():
             return ExtremaConfig.from_dict({**ExtremaConfig.from_json_file(str(path)).to_dict(), **overrides})
         if path.is_dir():
+            saved = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+            if saved.get("model_type") != "extrema":
+                raise UsageError(
+                    f"--model_config {path} is not an ExtreMA model folder (its config.json has model_type "
+                    f"{saved.get('model_type')!r}, not 'extrema')."
+                )
             return ExtremaConfig.from_pretrained(str(path), **overrides)
     except (OSError, ValueError) as error:
-        raise UsageError(str(error)) from error
+        if isinstance(error, UsageError):
+            raise
+        raise UsageError(f"--model_config {model_config}: {str(error).strip().splitlines()[0]}") from error
     raise UsageError(
         f"--model_config {model_config!r} is neither a preset ({', '.join(PRESETS)}) nor a config file/folder."
     )
@@ -536,7 +544,13 @@ def load_initial_weights(model: ExtremaForPreTraining, folder) -> str:
         )
     kind = kinds[0]
     # our own classes with the folder's weights: nothing of the folder's code runs
-    source = (ExtremaForPreTraining if kind == "full" else ExtremaModel).from_pretrained(str(folder))
+    try:
+        source = (ExtremaForPreTraining if kind == "full" else ExtremaModel).from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise UsageError(
+            f"--init_from {folder} cannot be loaded ({(str(error).strip().splitlines() or [''])[0][:200]}); a "
+            "truncated or corrupt model.safetensors gives this: export, convert or download it again."
+        ) from error
     target = model if kind == "full" else model.student
     saved_state, state = source.state_dict(), target.state_dict()
     if kind == "full" and "target_center" not in saved_state:  # a run with --target_centering ema starts at 0

@@ -548,7 +548,7 @@ class JpegPairs(torch.utils.data.Dataset):
         return view_fields(*self.transform(decode_image(self.jpegs[index % len(self.jpegs)])))
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("model", "data"), default="model")
     parser.add_argument("--model", default="vit-small-patch16", choices=sorted(PRESETS), help="ExtreMA preset")
@@ -596,7 +596,11 @@ def main(argv=None):
         action="store_true",
         help="DataLoader runs with the colour on the device, as train_extrema.py --color_on_device (data mode)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode == "data":

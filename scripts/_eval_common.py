@@ -6,6 +6,7 @@ and kNN in `eval_extrema.py`, so that evaluation reads images exactly as trainin
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -368,6 +369,11 @@ def train_classifier(
                 step += 1
                 progress.update(1)
                 progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                if not math.isfinite(loss.item()):  # a NaN head scores something: never a result
+                    raise UsageError(
+                        f"The loss is {loss.item()} at step {step} (lr {lr:.3g}); nothing was written. Lower "
+                        "--learning_rate, or set --max_grad_norm where the script has it."
+                    )
     progress.close()
     return step, loss.item()
 

@@ -123,7 +123,7 @@ def convert(state_dict: dict, config: ExtremaConfig, encoder: str = "momentum", 
     return model
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="official .pth file (e.g. extrema_mask08x5_color_1k_300ep.pth)")
     parser.add_argument("--output_dir", required=True)
@@ -133,7 +133,11 @@ def main(argv=None):
     parser.add_argument("--num_attention_heads", type=int, default=None, help="default: hidden size / 64")
     parser.add_argument("--mask_ratio", type=float, default=0.8, help="recorded in the config (pre-training recipe)")
     parser.add_argument("--num_masks", type=int, default=1, help="recorded in the config (pre-training recipe)")
-    args = check_ranges(parser.parse_args(argv), FLAG_RANGES)
+    return parser
+
+
+def main(argv=None):
+    args = check_ranges(build_parser().parse_args(argv), FLAG_RANGES)
     prepare_output_dir(args.output_dir)
 
     state_dict = load_official_state_dict(args.checkpoint)

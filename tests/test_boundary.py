@@ -404,7 +404,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(train_data, on
     assert_same_weights(one_go, load_file(str(output_dir / "final" / "model.safetensors")))
 
 
-def test_training_refusals_are_one_line(train_data, tmp_path, monkeypatch, capsys):
+def test_training_refusals_are_one_line(train_data, bad_models, tmp_path, monkeypatch, capsys):
     import accelerate
 
     import train_extrema
@@ -419,6 +419,10 @@ def test_training_refusals_are_one_line(train_data, tmp_path, monkeypatch, capsy
     assert_refused(code, stderr, "--output_dir", tmp_path)
     code, stderr = run(["--min_learning_rate", "0.5"], tmp_path / "min_lr")
     assert_refused(code, stderr, "--min_learning_rate 0.5 is above the peak lr", tmp_path)
+    code, stderr = run(["--init_from", str(bad_models["truncated"])], tmp_path / "init")
+    assert_refused(code, stderr, "cannot be loaded", tmp_path)
+    code, stderr = run(["--model_config", str(bad_models["not_extrema"])], tmp_path / "config")
+    assert_refused(code, stderr, "is not an ExtreMA model folder", tmp_path)
 
     # a checkpoint of the tiny model, resumed with another --model_config
     assert run(["--checkpointing_steps", "1", "--stop_after_steps", "1"], tmp_path / "other")[0] == 0
@@ -459,3 +463,29 @@ def test_training_on_unlabelled_data_says_that_knn_is_off(tmp_path, capfd):
     train_extrema.main(argv + ["--train_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
                                "--max_train_steps", "1"])  # fmt: skip
     assert re.search(r"WARNING The split 'train' has no labels .*: no kNN accuracy", capfd.readouterr().err)
+
+
+def test_string_labels_are_mapped_to_class_ids(model_dir, tmp_path):
+    names, data = ["cat", "dog", "bird"], tmp_path / "data"
+    data.mkdir()
+    write_split(data, "train", images(12), [names[i % 3] for i in range(12)], datasets.Value("string"))
+    write_split(data, "test", images(6, seed=1), [names[i % 3] for i in range(6)], datasets.Value("string"))
+    results = eval_knn.main(["--model_name_or_path", str(model_dir), "--train_dir", str(data), "--output_dir",
+                             str(tmp_path / "out"), "--num_workers", "0", "--k", "3"])  # fmt: skip
+    assert results["num_classes"] == 3 and results["num_train"] == 12
+    from data_extrema import load_raw_stream, open_dataset
+
+    labels = [row["label"] for row in load_raw_stream(open_dataset(train_dir=str(data)), "test")]
+    assert labels == [1, 2, 0, 1, 2, 0]  # bird, cat, dog in sorted order
+
+
+def test_a_truncated_parquet_shard_is_named(model_dir, data_dir, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    for split in ("train", "test"):
+        shard = next(data_dir.glob(f"{split}-*.parquet"))
+        data = shard.read_bytes()
+        (tmp_path / "data" / shard.name).write_bytes(data if split == "test" else data[: len(data) // 2])
+    argv = ["--model_name_or_path", str(model_dir), "--train_dir", str(tmp_path / "data"), "--output_dir",
+            str(tmp_path / "out"), "--num_workers", "0"]  # fmt: skip
+    code, stderr = run_entry_point(eval_knn, argv, capsys)
+    assert_refused(code, stderr, "train-00000-of-00001.parquet is not a readable Parquet file", tmp_path / "out")
