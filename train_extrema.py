@@ -74,6 +74,7 @@ from data_extrema import (
     default_validation_split,
     device_views,
     labelled_loader,
+    labelled_stream,
     load_raw_stream,
     open_dataset,
     rank_dataset,
@@ -872,7 +873,10 @@ def knn_loaders(builder, args, validation_split: str, transform) -> tuple:
     """The kNN monitor's gallery (--knn_train_samples training images) and queries (--knn_val_samples images of
     `validation_split`): fixed subsets, the first images of every shard, the same at every evaluation."""
     return tuple(
-        labelled_loader(args, split, transform, max_samples, batch_size=256, builder=builder)
+        labelled_loader(
+            labelled_stream(builder, split, args.image_column, args.label_column), transform, batch_size=256,
+            num_workers=args.num_workers, seed=args.seed, max_samples=max_samples,
+        )  # fmt: skip
         for split, max_samples in ((args.train_split, args.knn_train_samples), (validation_split, args.knn_val_samples))
     )
 

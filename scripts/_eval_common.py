@@ -35,6 +35,9 @@ from data_extrema import (
     count_examples,
     decode_image,
     default_validation_split,
+    label_fraction_keys,
+    labelled_loader,
+    labelled_stream,
     load_image_stream,
     load_raw_stream,
     open_dataset,
@@ -259,6 +262,30 @@ def build_classifier(backbone, num_labels: int, pooling: str, **config_overrides
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: labelled splits through data_extrema's streaming code, and accuracy on them
+
+
+def split_loader(args, split: str, transform, max_samples: int | None = None, builder=None, **options):
+    """`data_extrema.labelled_loader` of a split of the dataset that the data flags name (`add_data_args`), read
+    as they say: --image_column / --label_column, --num_workers, --seed, --shuffle_buffer_size and --batch_size (unless
+    `options` give `batch_size`). `builder`: the dataset already open."""
+    if builder is None:
+        builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    stream = labelled_stream(builder, split, args.image_column, args.label_column)
+    if "batch_size" not in options:
+        options["batch_size"] = args.batch_size
+    return labelled_loader(
+        stream, transform, num_workers=args.num_workers, seed=args.seed, max_samples=max_samples,
+        shuffle_buffer_size=args.shuffle_buffer_size, **options,
+    )  # fmt: skip
+
+
+def label_fraction_subset(args, split: str) -> set[int] | None:
+    """The images of --label_fraction in a split (`data_extrema.label_fraction_keys` of --seed); None without it."""
+    if not args.label_fraction:
+        return None
+    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    stream = labelled_stream(builder, split, args.image_column, args.label_column)
+    return label_fraction_keys(stream, args.label_fraction, args.seed)
 
 
 def resolve_validation_split(args) -> str:

@@ -30,11 +30,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from timm.data import Mixup, create_transform
+from timm.data import auto_augment as timm_auto_augment
 from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
@@ -44,11 +46,13 @@ from _eval_common import (
     add_eval_args,
     build_classifier,
     evaluate,
+    label_fraction_subset,
     load_extrema,
     parse_checked,
     resolve_validation_split,
     run,
     save_classifier,
+    split_loader,
     split_size_and_classes,
     write_results,
 )
@@ -60,8 +64,6 @@ from data_extrema import (
     StreamPosition,
     build_eval_transform,
     example_seed,
-    label_fraction_keys,
-    labelled_loader,
 )
 from train_extrema import resolve_mixed_precision, resume, save_checkpoint
 
@@ -186,10 +188,18 @@ def layer_decay_param_groups(model, weight_decay: float, layer_decay: float) -> 
     return list(groups.values())
 
 
+def posterize(image, bits_to_keep, **kwargs):
+    """timm's posterize op for any Pillow: keeping 0 bits (the strongest "PosterizeIncreasing", drawn whenever the
+    magnitude noise reaches 10) gives a black image, as Pillow did before it refused 0 bits."""
+    if bits_to_keep <= 0:
+        return PIL.Image.new(image.mode, image.size)
+    return timm_auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
 def finetune_transform(image_size: int, auto_augment: str | None = RANDAUGMENT, reprob: float = 0.25):
     """timm's training transform with MAE's fine-tuning settings: RandomResizedCrop (bicubic) + flip, RandAugment
     `auto_augment` (None: off), no colour jitter, ImageNet normalisation, random erasing `reprob` in pixel mode."""
-    return create_transform(
+    transform = create_transform(
         input_size=image_size,
         is_training=True,
         color_jitter=None,
@@ -201,6 +211,11 @@ def finetune_transform(image_size: int, auto_augment: str | None = RANDAUGMENT, 
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
+    for step in transform.transforms:
+        for op in getattr(step, "ops", []):  # RandAugment's ops
+            if op.aug_fn is timm_auto_augment.posterize:
+                op.aug_fn = posterize
+    return transform
 
 
 @contextlib.contextmanager
@@ -290,7 +305,7 @@ def main(argv=None):
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
     num_labels = args.num_labels or num_labels
-    subset = label_fraction_keys(args, args.train_split, args.label_fraction) if args.label_fraction else None
+    subset = label_fraction_subset(args, args.train_split)
     num_train = len(subset) if subset is not None else num_train
     if num_train < args.batch_size:
         raise UsageError(f"The training split has {num_train} images, fewer than --batch_size {args.batch_size}.")
@@ -298,10 +313,10 @@ def main(argv=None):
 
     auto_augment = None if args.auto_augment == "none" else args.auto_augment
     train_transform = SeededTransform(finetune_transform(image_size, auto_augment, args.reprob), args.seed)
-    train_loader = labelled_loader(
+    train_loader = split_loader(
         args, args.train_split, train_transform, args.max_train_samples, shuffle=True, subset_keys=subset
     )
-    eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
+    eval_loader = split_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
     mixup = build_mixup(args, num_labels)
 
     total_batch = args.batch_size * accelerator.num_processes

@@ -33,18 +33,20 @@ from _eval_common import (
     add_eval_args,
     build_classifier,
     evaluate,
+    label_fraction_subset,
     load_extrema,
     parse_checked,
     resolve_validation_split,
     run,
     save_classifier,
+    split_loader,
     split_size_and_classes,
     train_classifier,
     write_results,
 )
 from transformers import get_cosine_schedule_with_warmup
 
-from data_extrema import build_eval_transform, build_train_transform, label_fraction_keys, labelled_loader
+from data_extrema import build_eval_transform, build_train_transform
 
 
 class LARS(torch.optim.Optimizer):
@@ -149,7 +151,7 @@ def main(argv=None):
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
     num_labels = args.num_labels or num_labels
-    subset = label_fraction_keys(args, args.train_split, args.label_fraction) if args.label_fraction else None
+    subset = label_fraction_subset(args, args.train_split)
     num_train = len(subset) if subset is not None else num_train
 
     model = build_classifier(backbone, num_labels, pooling="cls")
@@ -162,10 +164,10 @@ def main(argv=None):
         if args.augmentation == "crop"
         else build_eval_transform(image_size)
     )
-    train_loader = labelled_loader(
+    train_loader = split_loader(
         args, args.train_split, train_transform, args.max_train_samples, shuffle=True, subset_keys=subset
     )
-    eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
+    eval_loader = split_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
 
     total_batch = args.batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
     peak_lr = args.learning_rate * total_batch / 256

@@ -312,15 +312,14 @@ def test_labelled_loader_reads_a_fixed_labelled_subset(tmp_path):
     write_image_parquet(tmp_path / "data", split="test", num_images=6, num_shards=1, seed=1)
     builder = de.open_dataset(train_dir=tmp_path / "data")
     assert de.default_validation_split(builder) == "test"
-    args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", "0"])
     transform = de.build_eval_transform(16)
-    batches = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=3, builder=builder))
+    batches = list(de.labelled_loader(de.labelled_stream(builder, "train"), transform, max_samples=8, batch_size=3))
     # the first 4 decodable images of each of the 2 shards (images 0-5 and 6-11; image 3 is broken), shard by shard
     assert [len(batch["label"]) for batch in batches] == [3, 1, 3, 1]
     assert torch.cat([batch["label"] for batch in batches]).tolist() == [i % 4 for i in (0, 1, 2, 4, 6, 7, 8, 9)]
     assert batches[0]["pixel_values"].shape == (3, 3, 16, 16)
     rng = torch.get_rng_state()
-    again = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=8))  # opened from the flags
+    again = list(de.labelled_loader(de.labelled_stream(builder, "train"), transform, max_samples=8, batch_size=8))
     assert torch.equal(torch.cat([b["pixel_values"] for b in again]), torch.cat([b["pixel_values"] for b in batches]))
     assert torch.equal(torch.get_rng_state(), rng)  # the training's RNG is left as it was
 
@@ -332,7 +331,7 @@ def test_labelled_loader_reads_a_fixed_labelled_subset(tmp_path):
     builder = de.open_dataset(train_dir=unlabelled)
     assert de.default_validation_split(builder) is None
     with pytest.raises(de.UsageError, match="no labels"):
-        de.labelled_loader(args, "train", transform, builder=builder)
+        de.labelled_stream(builder, "train")
 
 
 def test_an_evaluation_subset_does_not_depend_on_the_number_of_workers(tmp_path):
@@ -341,8 +340,8 @@ def test_an_evaluation_subset_does_not_depend_on_the_number_of_workers(tmp_path)
     transform = de.build_eval_transform(16)
 
     def subset(num_workers):
-        args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", str(num_workers)])
-        batches = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=2))
+        stream = de.labelled_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
+        batches = list(de.labelled_loader(stream, transform, num_workers=num_workers, max_samples=8, batch_size=2))
         images = torch.cat([batch["pixel_values"] for batch in batches]).flatten(1)
         labels = torch.cat([batch["label"] for batch in batches])
         return sorted(zip(images.sum(1).tolist(), labels.tolist()))
@@ -360,10 +359,11 @@ def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_proce
     transform = de.build_eval_transform(16)
 
     def subset(num_workers, seed=0, fraction=0.25):
-        args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", str(num_workers),
-                              "--seed", str(seed)])  # fmt: skip
-        keys = de.label_fraction_keys(args, "train", fraction)
-        batches = list(de.labelled_loader(args, "train", transform, shuffle=True, batch_size=4, subset_keys=keys))
+        stream = de.labelled_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
+        keys = de.label_fraction_keys(stream, fraction, seed)
+        batches = list(de.labelled_loader(
+            stream, transform, batch_size=4, num_workers=num_workers, seed=seed, shuffle=True, subset_keys=keys
+        ))  # fmt: skip
         images = torch.cat([batch["pixel_values"] for batch in batches]).flatten(1)
         labels = torch.cat([batch["label"] for batch in batches])
         return keys, sorted(zip(images.sum(1).tolist(), labels.tolist()))
@@ -372,9 +372,8 @@ def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_proce
     assert len(keys) == 20 and sorted(label for _, label in reference) == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
     assert subset(2)[1] == reference and subset(3)[1] == reference  # any number of DataLoader workers
     # any number of processes: each keeps the images of its part of the stream that are in the subset
-    args = te.parse_args(["--train_dir", str(tmp_path / "data")])
     raw = de.load_raw_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
-    in_subset = de._InSubset(args.seed, keys)
+    in_subset = de._InSubset(0, keys)
     for world_size in (2, 3):
         parts = [split_dataset_by_node(raw, rank, world_size).filter(in_subset) for rank in range(world_size)]
         assert sorted(de.subset_key(0, row["image"]) for part in parts for row in part) == sorted(keys)
@@ -383,7 +382,7 @@ def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_proce
     assert other != reference and sorted(label for _, label in other) == sorted(label for _, label in reference)
     assert sorted(label for _, label in subset(0, fraction=0.01)[1]) == [0, 1, 2, 3]
     with pytest.raises(de.UsageError, match="--label_fraction must be in"):
-        de.label_fraction_keys(args, "train", 0)
+        de.label_fraction_keys(raw, 0, seed=0)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 from timm.data import Mixup
@@ -39,6 +40,19 @@ def test_training_transform_is_timms_with_the_official_randaugment():
     assert (erasing.probability, erasing.mode) == (0.25, "pixel")
     plain = eval_finetune.finetune_transform(32, None, 0.0).transforms
     assert not any(isinstance(t, (RandAugment, RandomErasing)) for t in plain)
+
+
+def test_the_strongest_posterize_keeps_no_bits_on_any_pillow():
+    """magnitude 9 + noise reaches 10, where PosterizeIncreasing keeps 0 bits (Pillow >= 12 refuses: timm passes it)."""
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    steps = eval_finetune.finetune_transform(32).transforms
+    randaugment = next(t for t in steps if isinstance(t, RandAugment))
+    op = next(op for op in randaugment.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    assert op.level_fn(10, op.hparams) == (0,)
+    assert np.asarray(op(image)).max() == 0  # black, as ImageOps.posterize(image, 0) was
+    op.magnitude = 5  # 2 bits kept: what Pillow computes
+    assert np.array_equal(np.asarray(op(image)), np.asarray(PIL.ImageOps.posterize(image, 2)))
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_image():
