@@ -186,6 +186,14 @@ def open_dataset(dataset_name=None, dataset_config=None, train_dir=None, fashion
             data_format = _local_format(train_dir)
             if data_format == "parquet":
                 check_parquet_footers(train_dir)
+            if data_format == "imagefolder" and not any(
+                path.suffix.lower() in PIL.Image.registered_extensions()
+                for path in itertools.islice(train_dir.rglob("*"), 10_000)
+            ):
+                raise UsageError(
+                    f"--train_dir {train_dir} holds no images, Parquet files or WebDataset .tar shards; point it at "
+                    "the folder of your data."
+                )
             return datasets.load_dataset_builder(data_format, data_dir=str(train_dir))
         return datasets.load_dataset_builder(dataset_name, dataset_config)
     except (FileNotFoundError, ConnectionError) as error:

@@ -51,6 +51,7 @@ from cli_extrema import (
     AT_LEAST_0,
     AT_LEAST_1,
     FRACTION,
+    ArgumentParser,
     OPEN_UNIT,
     POSITIVE,
     SEED,
@@ -177,7 +178,7 @@ RECIPES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # a misspelt flag is an error, not a prefix of another flag
@@ -817,7 +818,12 @@ def forward_backward(accelerator, model, batches, accumulation_steps: int, measu
     device = accelerator.device
     loss_sum, collapse = torch.zeros((), device=device), None
     for micro_step in range(accumulation_steps):
-        batch = next(batches)
+        batch = next(batches, None)
+        if batch is None:  # only when no shard of this process yields a decodable image
+            raise UsageError(
+                f"Process {accelerator.process_index} got no decodable image from its part of the training data; "
+                "check that the files are images (and that there are at least as many shards as processes)."
+            )
         student_view, teacher_view = device_views(batch, device)  # teacher None: both branches see the same view
         inputs = {
             "pixel_values": student_view,

@@ -40,7 +40,7 @@ from timm.data import auto_augment as timm_auto_augment
 from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
-from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE, UNIT_INTERVAL
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, ArgumentParser, FRACTION, OPEN_UNIT, POSITIVE, UNIT_INTERVAL
 from _eval_common import (
     UsageError,
     add_eval_args,
@@ -71,7 +71,7 @@ RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # the official recipe's: 2 ops of magnitud
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser, batch_size=128)
     group = parser.add_argument_group("optimisation (defaults: the paper's Table 13)")
     group.add_argument("--learning_rate", type=float, default=1e-3, help="lr = base lr x total batch / 256")

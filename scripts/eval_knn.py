@@ -27,13 +27,13 @@ from _eval_common import (
     split_loader,
     write_results,
 )
-from cli_extrema import AT_LEAST_1, POSITIVE
+from cli_extrema import AT_LEAST_1, ArgumentParser, POSITIVE
 from data_extrema import build_eval_transform
 from eval_extrema import extract_features, weighted_knn
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts to report")
     parser.add_argument("--temperature", type=float, default=0.07)

@@ -29,6 +29,8 @@ import convert_official_checkpoint  # noqa: E402
 import eval_finetune  # noqa: E402
 import eval_knn  # noqa: E402
 import eval_linear  # noqa: E402
+import eval_segmentation  # noqa: E402
+import export_onnx  # noqa: E402
 import invert_representation  # noqa: E402
 import locality_retrieval  # noqa: E402
 import visualize_attention  # noqa: E402
@@ -127,6 +129,8 @@ def run_entry_point(module, argv, capsys):
 # replaced by the fixtures' paths.
 CASES = [
     ("eval_knn", ["--k", "0"], "--k must be at least 1"),
+    ("eval_knn", ["--k", "abc"], "argument --k: invalid int value: 'abc'"),
+    ("eval_knn", ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
     ("eval_knn", ["--temperature", "0"], "--temperature must be greater than 0"),
     ("eval_knn", ["--temperature", "-1"], "--temperature must be greater than 0"),
     ("eval_knn", ["--temperature", "nan"], "--temperature must be a finite number"),
@@ -251,12 +255,20 @@ def canary_folder(root, model_dir, model_type="extrema"):
     return folder
 
 
-@pytest.mark.parametrize("script", sorted(set(SCRIPTS) - {"convert_official_checkpoint"}))
+MODEL_SCRIPTS = {
+    **{name: module for name, module in SCRIPTS.items() if name != "convert_official_checkpoint"},
+    "eval_segmentation": eval_segmentation,
+    "export_onnx": export_onnx,
+}
+
+
+@pytest.mark.parametrize("script", sorted(MODEL_SCRIPTS))
 def test_a_model_folders_code_does_not_run_without_the_flag(script, model_dir, data_dir, tmp_path, capsys):
     folder = canary_folder(tmp_path, model_dir)
-    argv = ["--model_name_or_path", str(folder), "--train_dir", str(data_dir), "--output_dir", str(tmp_path / "out"),
-            "--num_workers", "0"]  # fmt: skip
-    module = SCRIPTS[script]
+    argv = ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")]
+    if script != "export_onnx":
+        argv += ["--train_dir", str(data_dir), "--num_workers", "0"]
+    module = MODEL_SCRIPTS[script]
     original = module.load_extrema
     loaded = []
     module.load_extrema = lambda *args, **kwargs: loaded.append(original(*args, **kwargs)) or _stop()
