@@ -13,7 +13,8 @@ Reading order:
    `color_augment` (applied to a batch on the device).
 4. The training stream: `example_seed`, `StreamPosition`, `TrainingStream`, `view_fields`, `device_views` (a
    batch's two views on the device), `round_robin`, `training_batches`, `rank_dataset`.
-5. Labelled batches for evaluation: `collate_eval`, `labelled_loader`.
+5. Labelled batches for evaluation: `labelled_stream`, `label_fraction_keys`, `labelled_loader` (`ShardQuotaSubset`,
+   `collate_eval`).
 
 The training stream is built so that a run resumes exactly: its position is (epoch, micro-batches consumed, raw rows
 consumed by each DataLoader worker); a resume rebuilds the epoch's stream with the same seed, skips the consumed rows

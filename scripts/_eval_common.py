@@ -31,6 +31,7 @@ from data_extrema import (
     IMAGENET_STD,
     UsageError,
     add_data_args,
+    build_image_processor,
     count_examples,
     decode_image,
     default_validation_split,
@@ -217,6 +218,30 @@ def load_extrema(name_or_path: str, trust_remote_code: bool = False, **kwargs):
                 "them. Use an earlier checkpoint or export."
             )
     return model.eval()
+
+
+def class_names(args, split: str) -> list[str] | None:
+    """The class names of a labelled split's ClassLabel column (`label` ids in order), or None when it has none."""
+    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    label_feature = (load_raw_stream(builder, split, args.image_column, args.label_column).features or {}).get("label")
+    return list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
+
+
+def save_classifier(model, folder, args) -> Path:
+    """Save a trained `ExtremaForImageClassification` as a folder others load and use as it is:
+    `pipeline("image-classification", model=folder, trust_remote_code=True)` predicts what the script evaluated.
+
+    It holds the weights and the remote code (`save_pretrained`), `id2label` / `label2id` from the training split's
+    class names (when its label column is a ClassLabel of as many classes as the model has), and the image processor
+    of the evaluation transform (`data_extrema.build_image_processor`). Returns the folder.
+    """
+    names = class_names(args, args.train_split)
+    if names is not None and len(names) == model.config.num_labels:
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: index for index, name in enumerate(names)}
+    model.save_pretrained(folder)
+    build_image_processor(model.config.image_size).save_pretrained(folder)
+    return Path(folder)
 
 
 def build_classifier(backbone, num_labels: int, pooling: str, **config_overrides):

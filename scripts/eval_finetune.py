@@ -61,6 +61,7 @@ from _eval_common import (
     parse_checked,
     resolve_validation_split,
     run,
+    save_classifier,
     split_loader,
     split_size_and_classes,
     write_results,
@@ -450,7 +451,7 @@ def finetune(args, stop_signals):
         **metrics,
     }
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(f"{args.output_dir}/model")
+        save_classifier(accelerator.unwrap_model(model), f"{args.output_dir}/model", args)
         write_results(args.output_dir, results)
     accelerator.end_training()
     return results

@@ -38,6 +38,7 @@ from _eval_common import (
     parse_checked,
     resolve_validation_split,
     run,
+    save_classifier,
     split_loader,
     split_size_and_classes,
     train_classifier,
@@ -207,7 +208,7 @@ def main(argv=None):
         **metrics,
     }
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(f"{args.output_dir}/probe")
+        save_classifier(accelerator.unwrap_model(model), f"{args.output_dir}/probe", args)
         write_results(args.output_dir, results)
     return results
 
