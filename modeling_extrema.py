@@ -457,13 +457,21 @@ class ExtremaPreTrainedModel(PreTrainedModel):
         key_mapping = dict(kwargs.pop("key_mapping", None) or {})
         if cls._teacher_prefix is not None:
             key_mapping.setdefault(r"^teacher\.", cls._teacher_prefix)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path,
-            *model_args,
-            key_mapping=key_mapping or None,
-            output_loading_info=True,
-            **kwargs,
-        )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                key_mapping=key_mapping or None,
+                output_loading_info=True,
+                **kwargs,
+            )
+        except Exception as error:  # safetensors' own error type, by name: this file imports only torch and transformers
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path} cannot be read ({error}): its model.safetensors is "
+                "truncated or corrupt; download or export it again."
+            ) from error
         info["missing_keys"] = model._finish_loading(set(info["missing_keys"]), pretrained_model_name_or_path)
         return (model, info) if output_loading_info else model
 

@@ -159,6 +159,7 @@ CASES = [
     ("eval_finetune", ["--num_train_epochs", "0"], "--num_train_epochs must be at least 1"),
     ("eval_finetune", ["--learning_rate", "nan"], "--learning_rate must be a finite number"),
     ("eval_finetune", ["--learning_rate", "-1"], "--learning_rate must be greater than 0"),
+    ("eval_finetune", ["--min_learning_rate", "0.5", "--batch_size", "4"], "--min_learning_rate 0.5 is above the peak"),
     ("invert_representation", ["--mask_ratios", "0.5", "1.0"], "--mask_ratios must be in [0, 1)"),
     ("invert_representation", ["--num_steps", "0"], "--num_steps must be at least 1"),
     ("invert_representation", ["--image", "{files}/missing.png"], "--image"),
@@ -441,6 +442,11 @@ def test_training_refusals_are_one_line(train_data, bad_models, tmp_path, monkey
     assert_refused(code, stderr, "--output_dir", tmp_path)
     code, stderr = run(["--min_learning_rate", "0.5"], tmp_path / "min_lr")
     assert_refused(code, stderr, "--min_learning_rate 0.5 is above the peak lr", tmp_path)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("not an image")
+    argv = TRAIN + ["--train_dir", str(tmp_path / "texts"), "--output_dir", str(tmp_path / "texts_out")]
+    code, stderr = run_entry_point(train_extrema, argv, capsys)
+    assert_refused(code, stderr, "holds no images, Parquet files or WebDataset .tar shards", tmp_path)
     code, stderr = run(["--init_from", str(bad_models["truncated"])], tmp_path / "init")
     assert_refused(code, stderr, "cannot be loaded", tmp_path)
     code, stderr = run(["--model_config", str(bad_models["not_extrema"])], tmp_path / "config")
@@ -536,3 +542,8 @@ def test_sigterm_during_fine_tuning_saves_a_checkpoint_and_resumes(model_dir, da
     monkeypatch.setattr(eval_finetune, "training_loss", training_loss)
     resumed = eval_finetune.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed["steps"] == 6 and (output_dir / "results.json").exists()
+
+
+def test_from_pretrained_names_a_truncated_weights_file(bad_models):
+    with pytest.raises(OSError, match="model.safetensors is truncated or corrupt"):
+        ExtremaModel.from_pretrained(bad_models["truncated"])
