@@ -194,7 +194,10 @@ def run_cli(main, argv=None):
     try:
         return main(argv)
     except (UsageError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
+        message = str(error)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: torch prepends the worker's traceback
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"error: {message}")
     except Interrupted as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

@@ -650,7 +650,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
         rows = skipped = 0
         while True:
             rows_in_pass = yielded_in_pass = 0
-            for row in self.dataset:
+            for row in readable_rows(self.dataset):
                 rows_in_pass += 1
                 rows += 1
                 if rows <= skip:  # consumed before the checkpoint: skip before any decoding
@@ -673,6 +673,33 @@ class TrainingStream(torch.utils.data.IterableDataset):
                 return  # this worker has no shard
             if yielded_in_pass == 0 and rows > skip:
                 raise UsageError(f"None of the {rows_in_pass} images of this data shard could be decoded.")
+
+
+def readable_rows(dataset):
+    """The rows of `dataset`; a shard that cannot be read (a damaged Parquet page, a truncated .tar) ends the stream
+    with a UsageError that names its file."""
+    try:
+        yield from dataset
+    except (OSError, ValueError) as error:  # pyarrow's errors are OSError / ValueError subclasses
+        if isinstance(error, UsageError):
+            raise
+        raise UsageError(
+            f"The data file {failing_file(error) or '(see the log)'} cannot be read ({type(error).__name__}: "
+            f"{(str(error).strip().splitlines() or [''])[0]}): it is damaged; write or download it again, or move it "
+            "out of the data folder."
+        ) from error
+
+
+def failing_file(error: BaseException) -> str | None:
+    """The file `datasets` was reading when `error` was raised: the `file` its reader loops over, from the
+    traceback's frames (the error itself does not name it)."""
+    name, frame = None, error.__traceback__
+    while frame is not None:
+        value = frame.tb_frame.f_locals.get("file")
+        if isinstance(value, str):
+            name = value
+        frame = frame.tb_next
+    return name
 
 
 def view_fields(student, teacher) -> dict:
