@@ -7,6 +7,7 @@
 - `fsync_tree`: files and folders flushed to disk before a rename makes them visible (checkpoints).
 """
 
+import argparse
 import errno
 import math
 import os
@@ -27,6 +28,14 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (an unknown flag, a value of the wrong type) are one line too: "error: <what>
+    (see <prog> --help)" with exit status 2, not the whole usage first."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,4 +204,8 @@ def run_cli(main, argv=None):
     except OSError as error:
         if error.errno in USER_ERRNOS:
             sys.exit(f"error: {describe_os_error(error)}")
+        raise
+    except Exception as error:  # libraries that wrap a full disk in their own errors (torch, safetensors)
+        if any(hint in str(error) for hint in DISK_FULL_HINTS):
+            sys.exit(f"error: no space left on the device ({type(error).__name__}: {str(error).splitlines()[0]}).")
         raise

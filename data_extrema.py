@@ -13,7 +13,8 @@ Reading order:
    `color_augment` (applied to a batch on the device).
 4. The training stream: `example_seed`, `StreamPosition`, `TrainingStream`, `view_fields`, `device_views` (a
    batch's two views on the device), `round_robin`, `training_batches`, `rank_dataset`.
-5. Labelled batches for evaluation: `collate_eval`, `labelled_loader`.
+5. Labelled batches for evaluation: `labelled_stream`, `label_fraction_keys`, `labelled_loader` (`ShardQuotaSubset`,
+   `collate_eval`).
 
 The training stream is built so that a run resumes exactly: its position is (epoch, micro-batches consumed, raw rows
 consumed by each DataLoader worker); a resume rebuilds the epoch's stream with the same seed, skips the consumed rows
@@ -186,6 +187,14 @@ def open_dataset(dataset_name=None, dataset_config=None, train_dir=None, fashion
             data_format = _local_format(train_dir)
             if data_format == "parquet":
                 check_parquet_footers(train_dir)
+            if data_format == "imagefolder" and not any(
+                path.suffix.lower() in PIL.Image.registered_extensions()
+                for path in itertools.islice(train_dir.rglob("*"), 10_000)
+            ):
+                raise UsageError(
+                    f"--train_dir {train_dir} holds no images, Parquet files or WebDataset .tar shards; point it at "
+                    "the folder of your data."
+                )
             return datasets.load_dataset_builder(data_format, data_dir=str(train_dir))
         return datasets.load_dataset_builder(dataset_name, dataset_config)
     except (FileNotFoundError, ConnectionError) as error:
@@ -821,8 +830,20 @@ def subset_key(seed: int, image) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=seed.to_bytes(8, "little")).digest(), "little")
 
 
-def label_fraction_keys(args, split: str, fraction: float, builder=None) -> set[int]:
-    """The `subset_key`s (seed: `args.seed`) of a class-balanced `fraction` of a labelled split (the paper's 1% / 10%
+def labelled_stream(builder, split: str, image_column: str | None = None, label_column: str | None = None):
+    """The raw rows {"image", "label"} of a split of `builder` (an `open_dataset` result) that has labels; a
+    `UsageError` for a split without them."""
+    stream = load_raw_stream(builder, split, image_column, label_column)
+    if "label" not in (stream.column_names or ["label"]):
+        raise UsageError(
+            f"The split {split!r} has no labels (columns: {stream.column_names}), and this evaluation needs them. "
+            "Name the label column with --label_column, or use a labelled dataset."
+        )
+    return stream
+
+
+def label_fraction_keys(stream, fraction: float, seed: int) -> set[int]:
+    """The `subset_key`s (of `seed`) of a class-balanced `fraction` of a `labelled_stream` (the paper's 1% / 10%
     semi-supervised settings).
 
     One pass over the split's labels and undecoded images: every class keeps round(fraction x its size) images (at
@@ -831,15 +852,10 @@ def label_fraction_keys(args, split: str, fraction: float, builder=None) -> set[
     """
     if not 0 < fraction <= 1:
         raise UsageError(f"--label_fraction must be in (0, 1], e.g. 0.01 or 0.1; got {fraction}.")
-    if builder is None:
-        builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
-    stream = load_raw_stream(builder, split, args.image_column, args.label_column)
-    if "label" not in (stream.column_names or ["label"]):
-        raise UsageError(f"--label_fraction needs labels; the split {split!r} has none (name them with --label_column).")
     keys_by_class = {}
     for rows in stream.iter(batch_size=1000):
         for image, label in zip(rows["image"], rows["label"]):
-            keys_by_class.setdefault(label, []).append(subset_key(args.seed, image))
+            keys_by_class.setdefault(label, []).append(subset_key(seed, image))
     return {
         key
         for keys in keys_by_class.values()
@@ -858,32 +874,23 @@ class _InSubset:
 
 
 def labelled_loader(
-    args, split, transform, max_samples=None, shuffle=False, batch_size=None, builder=None, subset_keys=None
-):
-    """Batches {"pixel_values" (B, 3, S, S), "label" (B,)} of a split's decodable images, or of a fixed subset.
+    stream, transform, *, batch_size: int, num_workers: int = 0, seed: int = 0, max_samples: int | None = None,
+    shuffle: bool = False, shuffle_buffer_size: int = 1000, subset_keys: set[int] | None = None,
+):  # fmt: skip
+    """Batches {"pixel_values" (B, 3, S, S), "label" (B,)} of a `labelled_stream`'s decodable images, or of a subset.
 
-    `args` holds the data flags (`add_data_args`) and `seed`; `batch_size` defaults to `args.batch_size`, `builder`
-    (an `open_dataset` result) to the dataset the flags name. With `max_samples`, the subset is the first images of
-    every shard (`ShardQuotaSubset`; the same for any number of DataLoader workers) when not shuffled, and the first
-    images of the stream when shuffled (then it depends on the number of workers). With `shuffle` the images are
-    reshuffled every epoch (call `set_epoch(epoch)` on the loader). `subset_keys` (`label_fraction_keys`) keeps only
+    With `max_samples`, the subset is the first images of every shard (`ShardQuotaSubset`; the same for any number of
+    DataLoader workers) when not shuffled, and the first images of the stream when shuffled (then it depends on the
+    number of workers). With `shuffle` the images are reshuffled every epoch (call `set_epoch(epoch)` on the loader)
+    through a buffer of `shuffle_buffer_size`. `subset_keys` (`label_fraction_keys` of the same `seed`) keeps only
     the images of a --label_fraction subset. Making or reading the loader never draws from the global RNG.
     """
-    if builder is None:
-        builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
-    stream = load_raw_stream(builder, split, args.image_column, args.label_column)
-    if "label" not in (stream.column_names or ["label"]):
-        raise UsageError(
-            f"The split {split!r} has no labels (columns: {stream.column_names}), and this evaluation needs them. "
-            "Name the label column with --label_column, or use a labelled dataset."
-        )
     if subset_keys is not None:
-        stream = stream.filter(_InSubset(args.seed, subset_keys))
-    batch_size = batch_size or args.batch_size
-    num_workers = min(args.num_workers, stream.num_shards)
+        stream = stream.filter(_InSubset(seed, subset_keys))
+    num_workers = min(num_workers, stream.num_shards)
     if max_samples is not None and not shuffle:
         subset = ShardQuotaSubset(stream, transform, max_samples, batch_size)
-        generator = torch.Generator().manual_seed(args.seed)  # so that making a loader never draws from the global RNG
+        generator = torch.Generator().manual_seed(seed)  # so that making a loader never draws from the global RNG
         return torch.utils.data.DataLoader(subset, batch_size=None, num_workers=num_workers, generator=generator)
     stream = stream.map(_decode_row).filter(_is_decoded)
     if max_samples is not None:
@@ -891,13 +898,13 @@ def labelled_loader(
     if shuffle:
         # one shard at a time feeds the buffer: datasets sleeps 5 s at the end of every pass that interleaves
         # Parquet shards (a pyarrow thread-shutdown workaround), which would add 5 s to every epoch
-        buffer_size = max(1, args.shuffle_buffer_size)
-        stream = stream.shuffle(seed=args.seed, buffer_size=buffer_size, max_buffer_input_shards=1)
+        buffer_size = max(1, shuffle_buffer_size)
+        stream = stream.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=1)
     stream = stream.map(lambda row: {**row, "pixel_values": transform(row["image"])}, remove_columns=["image"])
     return torch.utils.data.DataLoader(
         stream,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_eval,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
     )

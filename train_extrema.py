@@ -51,6 +51,7 @@ from cli_extrema import (
     AT_LEAST_0,
     AT_LEAST_1,
     FRACTION,
+    ArgumentParser,
     OPEN_UNIT,
     POSITIVE,
     SEED,
@@ -74,6 +75,7 @@ from data_extrema import (
     default_validation_split,
     device_views,
     labelled_loader,
+    labelled_stream,
     load_raw_stream,
     open_dataset,
     rank_dataset,
@@ -176,7 +178,7 @@ RECIPES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # a misspelt flag is an error, not a prefix of another flag
@@ -746,11 +748,10 @@ class StopSignals:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
-    def handle(self, signum, frame):
+    def handle(self, signum, frame):  # no logging here: a handler that takes the logging lock could deadlock
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        logger.warning("Received %s: the state is saved after this step.", signal.Signals(signum).name)
 
     def requested(self, accelerator) -> int | None:
         """The signal received (by any process), or None."""
@@ -816,7 +817,12 @@ def forward_backward(accelerator, model, batches, accumulation_steps: int, measu
     device = accelerator.device
     loss_sum, collapse = torch.zeros((), device=device), None
     for micro_step in range(accumulation_steps):
-        batch = next(batches)
+        batch = next(batches, None)
+        if batch is None:  # only when no shard of this process yields a decodable image
+            raise UsageError(
+                f"Process {accelerator.process_index} got no decodable image from its part of the training data; "
+                "check that the files are images (and that there are at least as many shards as processes)."
+            )
         student_view, teacher_view = device_views(batch, device)  # teacher None: both branches see the same view
         inputs = {
             "pixel_values": student_view,
@@ -872,7 +878,10 @@ def knn_loaders(builder, args, validation_split: str, transform) -> tuple:
     """The kNN monitor's gallery (--knn_train_samples training images) and queries (--knn_val_samples images of
     `validation_split`): fixed subsets, the first images of every shard, the same at every evaluation."""
     return tuple(
-        labelled_loader(args, split, transform, max_samples, batch_size=256, builder=builder)
+        labelled_loader(
+            labelled_stream(builder, split, args.image_column, args.label_column), transform, batch_size=256,
+            num_workers=args.num_workers, seed=args.seed, max_samples=max_samples,
+        )  # fmt: skip
         for split, max_samples in ((args.train_split, args.knn_train_samples), (validation_split, args.knn_val_samples))
     )
 

@@ -33,9 +33,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the evaluation scripts' helpers
 
 import ablate  # noqa: E402
-from _eval_common import load_extrema, resolve_validation_split, run, write_results  # noqa: E402
+from _eval_common import load_extrema, resolve_validation_split, run, split_loader, write_results  # noqa: E402
 from benchmark_throughput import vitmae_config_like  # noqa: E402
-from data_extrema import add_data_args, build_eval_transform, build_train_transform, labelled_loader  # noqa: E402
+from data_extrema import add_data_args, build_eval_transform, build_train_transform  # noqa: E402
 from eval_extrema import extract_features, linear_probe_on_features, weighted_knn  # noqa: E402
 from train_extrema import param_groups  # noqa: E402
 
@@ -98,7 +98,7 @@ def pretrain_mae(args, config, steps_per_epoch: int, precision: str, device, on_
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=peak_lr, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)  # as train_extrema's
     transform = build_train_transform("crop", config.image_size, crop_min=0.2).shared  # one crop + flip view
-    loader = labelled_loader(args, args.train_split, transform, shuffle=True, batch_size=batch_size)
+    loader = split_loader(args, args.train_split, transform, shuffle=True, batch_size=batch_size)
     bf16 = precision == "bf16"
     step, epoch, seconds = 0, 0, 0.0
     on_epoch(model, 0)
@@ -151,7 +151,7 @@ def decoded_split(args, split: str, image_size: int, max_samples: int) -> torch.
     """The first images of a split, decoded and eval-transformed ONCE, as a loader of (pixel_values, label) batches
     that every representation reads."""
     pixel_values, labels = [], []
-    for batch in labelled_loader(args, split, build_eval_transform(image_size), max_samples, batch_size=256):
+    for batch in split_loader(args, split, build_eval_transform(image_size), max_samples, batch_size=256):
         pixel_values.append(batch["pixel_values"])
         labels.append(batch["label"])
     dataset = torch.utils.data.TensorDataset(torch.cat(pixel_values), torch.cat(labels))

@@ -31,9 +31,13 @@ from data_extrema import (
     IMAGENET_STD,
     UsageError,
     add_data_args,
+    build_image_processor,
     count_examples,
     decode_image,
     default_validation_split,
+    label_fraction_keys,
+    labelled_loader,
+    labelled_stream,
     load_image_stream,
     load_raw_stream,
     open_dataset,
@@ -216,6 +220,30 @@ def load_extrema(name_or_path: str, trust_remote_code: bool = False, **kwargs):
     return model.eval()
 
 
+def class_names(args, split: str) -> list[str] | None:
+    """The class names of a labelled split's ClassLabel column (`label` ids in order), or None when it has none."""
+    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    label_feature = (load_raw_stream(builder, split, args.image_column, args.label_column).features or {}).get("label")
+    return list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
+
+
+def save_classifier(model, folder, args) -> Path:
+    """Save a trained `ExtremaForImageClassification` as a folder others load and use as it is:
+    `pipeline("image-classification", model=folder, trust_remote_code=True)` predicts what the script evaluated.
+
+    It holds the weights and the remote code (`save_pretrained`), `id2label` / `label2id` from the training split's
+    class names (when its label column is a ClassLabel of as many classes as the model has), and the image processor
+    of the evaluation transform (`data_extrema.build_image_processor`). Returns the folder.
+    """
+    names = class_names(args, args.train_split)
+    if names is not None and len(names) == model.config.num_labels:
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: index for index, name in enumerate(names)}
+    model.save_pretrained(folder)
+    build_image_processor(model.config.image_size).save_pretrained(folder)
+    return Path(folder)
+
+
 def build_classifier(backbone, num_labels: int, pooling: str, **config_overrides):
     """`ExtremaForImageClassification` over a copy of `backbone`'s weights, with a fresh head.
 
@@ -234,6 +262,30 @@ def build_classifier(backbone, num_labels: int, pooling: str, **config_overrides
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: labelled splits through data_extrema's streaming code, and accuracy on them
+
+
+def split_loader(args, split: str, transform, max_samples: int | None = None, builder=None, **options):
+    """`data_extrema.labelled_loader` of a split of the dataset that the data flags name (`add_data_args`), read
+    as they say: --image_column / --label_column, --num_workers, --seed, --shuffle_buffer_size and --batch_size (unless
+    `options` give `batch_size`). `builder`: the dataset already open."""
+    if builder is None:
+        builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    stream = labelled_stream(builder, split, args.image_column, args.label_column)
+    if "batch_size" not in options:
+        options["batch_size"] = args.batch_size
+    return labelled_loader(
+        stream, transform, num_workers=args.num_workers, seed=args.seed, max_samples=max_samples,
+        shuffle_buffer_size=args.shuffle_buffer_size, **options,
+    )  # fmt: skip
+
+
+def label_fraction_subset(args, split: str) -> set[int] | None:
+    """The images of --label_fraction in a split (`data_extrema.label_fraction_keys` of --seed); None without it."""
+    if not args.label_fraction:
+        return None
+    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    stream = labelled_stream(builder, split, args.image_column, args.label_column)
+    return label_fraction_keys(stream, args.label_fraction, args.seed)
 
 
 def resolve_validation_split(args) -> str:

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 
-from cli_extrema import AT_LEAST_1, FRACTION, UsageError, check_ranges, prepare_output_dir, run_cli
+from cli_extrema import (
+    AT_LEAST_1,
+    FRACTION,
+    ArgumentParser,
+    UsageError,
+    check_ranges,
+    prepare_output_dir,
+    run_cli,
+)
 from configuration_extrema import ExtremaConfig
 from export_extrema import export_backbone
 from modeling_extrema import ExtremaForPreTraining, ExtremaModel
@@ -124,7 +132,7 @@ def convert(state_dict: dict, config: ExtremaConfig, encoder: str = "momentum", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="official .pth file (e.g. extrema_mask08x5_color_1k_300ep.pth)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--encoder", choices=["momentum", "base"], default="momentum",

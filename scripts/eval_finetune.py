@@ -27,6 +27,7 @@ import contextlib
 import math
 import random
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +41,28 @@ from timm.data import auto_augment as timm_auto_augment
 from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
-from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE, UNIT_INTERVAL
+from cli_extrema import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION,
+    OPEN_UNIT,
+    POSITIVE,
+    UNIT_INTERVAL,
+    ArgumentParser,
+    Interrupted,
+)
 from _eval_common import (
     UsageError,
     add_eval_args,
     build_classifier,
     evaluate,
+    label_fraction_subset,
     load_extrema,
     parse_checked,
     resolve_validation_split,
     run,
+    save_classifier,
+    split_loader,
     split_size_and_classes,
     write_results,
 )
@@ -61,16 +74,14 @@ from data_extrema import (
     StreamPosition,
     build_eval_transform,
     example_seed,
-    label_fraction_keys,
-    labelled_loader,
 )
-from train_extrema import resolve_mixed_precision, resume, save_checkpoint
+from train_extrema import StopSignals, resolve_mixed_precision, resume, save_checkpoint
 
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # the official recipe's: 2 ops of magnitude 9 +- 0.5, increasing severity
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser, batch_size=128)
     group = parser.add_argument_group("optimisation (defaults: the paper's Table 13)")
     group.add_argument("--learning_rate", type=float, default=1e-3, help="lr = base lr x total batch / 256")
@@ -293,6 +304,11 @@ class EvalHistory:
 
 def main(argv=None):
     args = parse_args(argv)
+    with StopSignals() as stop_signals:  # SIGTERM / Ctrl-C: a checkpoint, then a line saying how to resume
+        return finetune(args, stop_signals)
+
+
+def finetune(args, stop_signals):
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         log_with=None if args.report_to == "none" else args.report_to,
@@ -304,7 +320,7 @@ def main(argv=None):
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
     num_labels = args.num_labels or num_labels
-    subset = label_fraction_keys(args, args.train_split, args.label_fraction) if args.label_fraction else None
+    subset = label_fraction_subset(args, args.train_split)
     num_train = len(subset) if subset is not None else num_train
     if num_train < args.batch_size:
         raise UsageError(f"The training split has {num_train} images, fewer than --batch_size {args.batch_size}.")
@@ -312,10 +328,10 @@ def main(argv=None):
 
     auto_augment = None if args.auto_augment == "none" else args.auto_augment
     train_transform = SeededTransform(finetune_transform(image_size, auto_augment, args.reprob), args.seed)
-    train_loader = labelled_loader(
+    train_loader = split_loader(
         args, args.train_split, train_transform, args.max_train_samples, shuffle=True, subset_keys=subset
     )
-    eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
+    eval_loader = split_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
     mixup = build_mixup(args, num_labels)
 
     total_batch = args.batch_size * accelerator.num_processes
@@ -384,6 +400,19 @@ def main(argv=None):
             if args.stop_after_steps and step - first_step >= args.stop_after_steps:
                 stopped = True
                 break
+            received = stop_signals.requested(accelerator)
+            if received:
+                folder = output_dir / f"checkpoint-{step}"
+                if not (checkpoint_every and step % checkpoint_every == 0):  # not saved just above
+                    position = StreamPosition(epoch=epoch, batches=batch_index + 1)
+                    save_checkpoint(accelerator, folder, step, position, args.keep_checkpoints)
+                progress.close()
+                accelerator.end_training()
+                raise Interrupted(
+                    f"stopped by {signal.Signals(received).name} at step {step} of {total_steps}; the state is saved "
+                    f"in {folder}. Resume with the same flags and --resume_from_checkpoint latest.",
+                    128 + received,
+                )
         if stopped:
             break
         if args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0 and epoch + 1 < args.num_train_epochs:
@@ -422,7 +451,7 @@ def main(argv=None):
         **metrics,
     }
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(f"{args.output_dir}/model")
+        save_classifier(accelerator.unwrap_model(model), f"{args.output_dir}/model", args)
         write_results(args.output_dir, results)
     accelerator.end_training()
     return results

@@ -24,15 +24,16 @@ from _eval_common import (
     parse_checked,
     resolve_validation_split,
     run,
+    split_loader,
     write_results,
 )
-from cli_extrema import AT_LEAST_1, POSITIVE
-from data_extrema import build_eval_transform, labelled_loader
+from cli_extrema import AT_LEAST_1, ArgumentParser, POSITIVE
+from data_extrema import build_eval_transform
 from eval_extrema import extract_features, weighted_knn
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts to report")
     parser.add_argument("--temperature", type=float, default=0.07)
@@ -60,7 +61,7 @@ def cached_features(backbone, args, split, max_samples, device):
         with safe_open(path, "pt") as cache:
             if cache.metadata() == key:
                 return cache.get_tensor("features"), cache.get_tensor("labels")
-    loader = labelled_loader(args, split, build_eval_transform(backbone.config.image_size), max_samples)
+    loader = split_loader(args, split, build_eval_transform(backbone.config.image_size), max_samples)
     features, labels = extract_features(backbone, loader, device)
     if not torch.isfinite(features).all():
         raise UsageError(

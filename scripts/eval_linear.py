@@ -27,23 +27,26 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, ArgumentParser, FRACTION, OPEN_UNIT, POSITIVE
 from _eval_common import (
     UsageError,
     add_eval_args,
     build_classifier,
     evaluate,
+    label_fraction_subset,
     load_extrema,
     parse_checked,
     resolve_validation_split,
     run,
+    save_classifier,
+    split_loader,
     split_size_and_classes,
     train_classifier,
     write_results,
 )
 from transformers import get_cosine_schedule_with_warmup
 
-from data_extrema import build_eval_transform, build_train_transform, label_fraction_keys, labelled_loader
+from data_extrema import build_eval_transform, build_train_transform
 
 
 class LARS(torch.optim.Optimizer):
@@ -84,7 +87,7 @@ PROTOCOLS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser, batch_size=256)
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="small", help="see above; default: small")
     parser.add_argument("--optimizer", choices=("lars", "sgd"))
@@ -148,7 +151,7 @@ def main(argv=None):
     validation_split = resolve_validation_split(args)
     num_train, num_labels = split_size_and_classes(args, args.train_split, args.max_train_samples)
     num_labels = args.num_labels or num_labels
-    subset = label_fraction_keys(args, args.train_split, args.label_fraction) if args.label_fraction else None
+    subset = label_fraction_subset(args, args.train_split)
     num_train = len(subset) if subset is not None else num_train
 
     model = build_classifier(backbone, num_labels, pooling="cls")
@@ -161,10 +164,10 @@ def main(argv=None):
         if args.augmentation == "crop"
         else build_eval_transform(image_size)
     )
-    train_loader = labelled_loader(
+    train_loader = split_loader(
         args, args.train_split, train_transform, args.max_train_samples, shuffle=True, subset_keys=subset
     )
-    eval_loader = labelled_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
+    eval_loader = split_loader(args, validation_split, build_eval_transform(image_size), args.max_eval_samples)
 
     total_batch = args.batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
     peak_lr = args.learning_rate * total_batch / 256
@@ -205,7 +208,7 @@ def main(argv=None):
         **metrics,
     }
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(f"{args.output_dir}/probe")
+        save_classifier(accelerator.unwrap_model(model), f"{args.output_dir}/probe", args)
         write_results(args.output_dir, results)
     return results
 

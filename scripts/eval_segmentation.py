@@ -34,7 +34,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from cli_extrema import AT_LEAST_0, AT_LEAST_1, FRACTION, OPEN_UNIT, POSITIVE
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, ArgumentParser, FRACTION, OPEN_UNIT, POSITIVE
 from _eval_common import (
     UsageError,
     add_eval_args,
@@ -52,7 +52,7 @@ from train_extrema import resolve_mixed_precision
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser, batch_size=16)
     parser.set_defaults(image_column="image", label_column="annotation")
     group = parser.add_argument_group("segmentation (defaults: the paper's Table 9)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from _eval_common import UsageError, load_extrema, run
-from cli_extrema import prepare_output_dir
+from cli_extrema import ArgumentParser, prepare_output_dir
 
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
 
@@ -82,7 +82,7 @@ def onnx_max_difference(backbone, path, batch_sizes=(1, 3)) -> dict[str, float]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model_name_or_path", required=True, help="an ExtreMA folder (e.g. <train output_dir>/final) or Hub id"
     )

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from cli_extrema import AT_LEAST_1, FRACTION, POSITIVE
+from cli_extrema import AT_LEAST_1, ArgumentParser, FRACTION, POSITIVE
 from _eval_common import (
     add_eval_args,
     add_image_args,
@@ -40,7 +40,7 @@ from data_extrema import build_eval_transform
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
     add_image_args(parser)
     parser.add_argument("--mask_ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])

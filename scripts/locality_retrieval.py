@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torchvision.transforms import v2
 
-from cli_extrema import AT_LEAST_0, AT_LEAST_1, OPEN_UNIT
+from cli_extrema import AT_LEAST_0, AT_LEAST_1, ArgumentParser, OPEN_UNIT
 from _eval_common import (
     UsageError,
     add_eval_args,
@@ -43,7 +43,7 @@ GREEN, RED = (0.1, 0.85, 0.1), (1.0, 0.1, 0.1)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
     add_image_args(parser)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.3, 0.45, 0.6, 0.75, 0.9],

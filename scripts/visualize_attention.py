@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from cli_extrema import ArgumentParser
 from _eval_common import (
     COLORS,
     UsageError,
@@ -40,7 +41,7 @@ CLASS_COLOR = (1.0, 1.0, 0.0)  # yellow: the class-attention map
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
     add_image_args(parser)
     parser.add_argument(

@@ -17,7 +17,6 @@ from _train_data import png_bytes, write_image_parquet
 from torchvision.transforms import v2
 
 import data_extrema as de  # the repository root is on sys.path (conftest.py)
-import train_extrema as te  # parse_args: the training flags the stream reads
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,12 +262,12 @@ def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
 # The training stream resumes exactly, whatever the number of workers
 
 
-def take_batches(dataset, args, position, count):
-    transform = de.build_train_transform("shared_crop_color", 32, color_on_device=args.color_on_device)
+def take_batches(dataset, position, count, num_workers, color_on_device=False):
+    """`count` batches of 3 from `position` on (which they update), as the training loop reads them (seed 0)."""
+    transform = de.build_train_transform("shared_crop_color", 32, color_on_device=color_on_device)
     batches = de.training_batches(
-        dataset, transform, (64,), position, torch.device("cpu"),
-        batch_size=args.per_device_train_batch_size, num_workers=args.num_workers, seed=args.seed,
-    )  # fmt: skip
+        dataset, transform, (64,), position, torch.device("cpu"), batch_size=3, num_workers=num_workers, seed=0
+    )
     return [next(batches) for _ in range(count)]
 
 
@@ -278,10 +277,9 @@ def test_training_stream_resumes_exactly(tmp_path, num_workers, color_on_device)
     write_image_parquet(tmp_path / "data", num_images=20, num_shards=3, broken={4})
     raw = de.load_raw_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
     dataset = de.rank_dataset(raw, 0, 1, seed=0, buffer_size=4)
-    args = te.parse_args(["--train_dir", "x", "--per_device_train_batch_size", "3", "--num_workers", str(num_workers)]
-                         + ["--color_on_device"] * color_on_device)  # fmt: skip
+    stream = dict(num_workers=num_workers, color_on_device=color_on_device)
     position = de.StreamPosition(epoch=1)
-    reference = take_batches(dataset, args, position, 9)  # 27 images from 19 decodable: the stream wraps around
+    reference = take_batches(dataset, position, 9, **stream)  # 27 images from 19 decodable: the stream wraps around
     assert sum(position.skipped_images.values()) >= 1
     # shared_crop_color: two float views, or one uint8 crop and the colour parameters of each view
     on_cpu, on_device = ["pixel_values", "pixel_values_teacher"], ["color_student", "color_teacher", "pixel_values"]
@@ -290,16 +288,16 @@ def test_training_stream_resumes_exactly(tmp_path, num_workers, color_on_device)
     assert reference[0]["pixel_values"].dtype == (torch.uint8 if color_on_device else torch.float32)
     for consumed in (3, 5):
         position = de.StreamPosition(epoch=1)
-        take_batches(dataset, args, position, consumed)
+        take_batches(dataset, position, consumed, **stream)
         saved = de.StreamPosition.from_json(json.loads(json.dumps(position.to_json())))
-        resumed = take_batches(dataset, args, saved, 9 - consumed)
+        resumed = take_batches(dataset, saved, 9 - consumed, **stream)
         for a, b in zip(reference[consumed:], resumed):
             for key in views + ["noise"]:
                 assert torch.equal(a[key], b[key])
     with pytest.raises(de.UsageError, match="resume with --num_workers"):
-        take_batches(dataset, te.parse_args(["--train_dir", "x", "--num_workers", "1"]), saved, 1)
+        take_batches(dataset, saved, 1, num_workers=1, color_on_device=color_on_device)
     # another epoch is another order
-    other = take_batches(dataset, args, de.StreamPosition(epoch=2), 1)[0]
+    other = take_batches(dataset, de.StreamPosition(epoch=2), 1, **stream)[0]
     assert not torch.equal(other["pixel_values"], reference[0]["pixel_values"])
 
 
@@ -312,15 +310,14 @@ def test_labelled_loader_reads_a_fixed_labelled_subset(tmp_path):
     write_image_parquet(tmp_path / "data", split="test", num_images=6, num_shards=1, seed=1)
     builder = de.open_dataset(train_dir=tmp_path / "data")
     assert de.default_validation_split(builder) == "test"
-    args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", "0"])
     transform = de.build_eval_transform(16)
-    batches = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=3, builder=builder))
+    batches = list(de.labelled_loader(de.labelled_stream(builder, "train"), transform, max_samples=8, batch_size=3))
     # the first 4 decodable images of each of the 2 shards (images 0-5 and 6-11; image 3 is broken), shard by shard
     assert [len(batch["label"]) for batch in batches] == [3, 1, 3, 1]
     assert torch.cat([batch["label"] for batch in batches]).tolist() == [i % 4 for i in (0, 1, 2, 4, 6, 7, 8, 9)]
     assert batches[0]["pixel_values"].shape == (3, 3, 16, 16)
     rng = torch.get_rng_state()
-    again = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=8))  # opened from the flags
+    again = list(de.labelled_loader(de.labelled_stream(builder, "train"), transform, max_samples=8, batch_size=8))
     assert torch.equal(torch.cat([b["pixel_values"] for b in again]), torch.cat([b["pixel_values"] for b in batches]))
     assert torch.equal(torch.get_rng_state(), rng)  # the training's RNG is left as it was
 
@@ -332,7 +329,7 @@ def test_labelled_loader_reads_a_fixed_labelled_subset(tmp_path):
     builder = de.open_dataset(train_dir=unlabelled)
     assert de.default_validation_split(builder) is None
     with pytest.raises(de.UsageError, match="no labels"):
-        de.labelled_loader(args, "train", transform, builder=builder)
+        de.labelled_stream(builder, "train")
 
 
 def test_an_evaluation_subset_does_not_depend_on_the_number_of_workers(tmp_path):
@@ -341,8 +338,8 @@ def test_an_evaluation_subset_does_not_depend_on_the_number_of_workers(tmp_path)
     transform = de.build_eval_transform(16)
 
     def subset(num_workers):
-        args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", str(num_workers)])
-        batches = list(de.labelled_loader(args, "train", transform, max_samples=8, batch_size=2))
+        stream = de.labelled_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
+        batches = list(de.labelled_loader(stream, transform, num_workers=num_workers, max_samples=8, batch_size=2))
         images = torch.cat([batch["pixel_values"] for batch in batches]).flatten(1)
         labels = torch.cat([batch["label"] for batch in batches])
         return sorted(zip(images.sum(1).tolist(), labels.tolist()))
@@ -360,10 +357,11 @@ def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_proce
     transform = de.build_eval_transform(16)
 
     def subset(num_workers, seed=0, fraction=0.25):
-        args = te.parse_args(["--train_dir", str(tmp_path / "data"), "--num_workers", str(num_workers),
-                              "--seed", str(seed)])  # fmt: skip
-        keys = de.label_fraction_keys(args, "train", fraction)
-        batches = list(de.labelled_loader(args, "train", transform, shuffle=True, batch_size=4, subset_keys=keys))
+        stream = de.labelled_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
+        keys = de.label_fraction_keys(stream, fraction, seed)
+        batches = list(de.labelled_loader(
+            stream, transform, batch_size=4, num_workers=num_workers, seed=seed, shuffle=True, subset_keys=keys
+        ))  # fmt: skip
         images = torch.cat([batch["pixel_values"] for batch in batches]).flatten(1)
         labels = torch.cat([batch["label"] for batch in batches])
         return keys, sorted(zip(images.sum(1).tolist(), labels.tolist()))
@@ -372,9 +370,8 @@ def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_proce
     assert len(keys) == 20 and sorted(label for _, label in reference) == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
     assert subset(2)[1] == reference and subset(3)[1] == reference  # any number of DataLoader workers
     # any number of processes: each keeps the images of its part of the stream that are in the subset
-    args = te.parse_args(["--train_dir", str(tmp_path / "data")])
     raw = de.load_raw_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
-    in_subset = de._InSubset(args.seed, keys)
+    in_subset = de._InSubset(0, keys)
     for world_size in (2, 3):
         parts = [split_dataset_by_node(raw, rank, world_size).filter(in_subset) for rank in range(world_size)]
         assert sorted(de.subset_key(0, row["image"]) for part in parts for row in part) == sorted(keys)
@@ -383,7 +380,7 @@ def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_proce
     assert other != reference and sorted(label for _, label in other) == sorted(label for _, label in reference)
     assert sorted(label for _, label in subset(0, fraction=0.01)[1]) == [0, 1, 2, 3]
     with pytest.raises(de.UsageError, match="--label_fraction must be in"):
-        de.label_fraction_keys(args, "train", 0)
+        de.label_fraction_keys(raw, 0, seed=0)
 
 
 @pytest.mark.parametrize(

@@ -104,12 +104,23 @@ def test_the_command_parser_splits_like_a_shell():
     assert script_argv(["DATA=x", "bash", "benchmarks/gpu_quality.sh"]) == ("benchmarks/gpu_quality.sh", None)
 
 
+def anchors(page) -> set[str]:
+    """The anchors of a page's headings, as GitHub makes them."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL),
+                          flags=re.MULTILINE)  # fmt: skip
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
-def test_relative_links_point_to_files(page):
+def test_relative_links_point_to_files_and_headings(page):
     text = page.read_text(encoding="utf-8")
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
-        if "://" not in target:
-            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+        if "://" in target:
+            continue
+        linked = (page.parent / target) if target else page
+        assert linked.exists(), f"{page.name} links to {target}, which does not exist"
+        if anchor:
+            assert anchor in anchors(linked), f"{page.name} links to {target}#{anchor}, which is not a heading there"
 
 
 def test_the_readme_test_command_is_what_ci_runs():

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _isolated import run_isolated
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -189,6 +190,45 @@ def test_linear_probe_on_a_label_fraction_trains_on_that_subset(model_dir, color
     assert (results["num_train"], results["label_fraction"], results["steps"]) == (12, 0.25, 2 * 3)
 
 
+def test_the_probe_folder_classifies_with_the_pipeline_without_the_project(model_dir, noise_dir, tmp_path):
+    """The probe folder carries the class names and the processor: transformers' image-classification pipeline, in
+    a process without this project, predicts image by image what the script evaluated (on random labels, so that
+    the accuracy depends on every single prediction)."""
+    args = common(model_dir, noise_dir, tmp_path) + [
+        "--batch_size", "50", "--num_train_epochs", "1", "--warmup_epochs", "0", "--augmentation", "none",
+    ]  # fmt: skip
+    results = eval_linear.main(args)
+    config = json.loads((tmp_path / "probe" / "config.json").read_text())
+    assert config["id2label"] == {str(i): str(i) for i in range(4)}
+    result = run_isolated(
+        f"""
+        import json
+        import datasets
+        from transformers import pipeline
+
+        classify = pipeline("image-classification", model={str(tmp_path / "probe")!r}, trust_remote_code=True)
+        split = datasets.Dataset.from_parquet({str(noise_dir / "test-00000-of-00001.parquet")!r})
+        predictions = classify([row["image"].convert("RGB") for row in split], top_k=1, batch_size=50)
+        top1 = [classify.model.config.label2id[prediction[0]["label"]] for prediction in predictions]
+        json.dump({{"top1": top1, "labels": list(split["label"])}}, open("pipeline.json", "w"))
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = json.loads((tmp_path / "pipeline.json").read_text())
+    top1, labels = torch.tensor(predicted["top1"]), torch.tensor(predicted["labels"])
+    assert len(top1) == results["num_eval"] == 200
+    assert 100.0 * (top1 == labels).float().mean().item() == pytest.approx(results["top1"])
+    # and image by image: the pipeline's top-1 is the probe's on the evaluation transform
+    from transformers import AutoModelForImageClassification
+
+    probe = AutoModelForImageClassification.from_pretrained(tmp_path / "probe", trust_remote_code=True).eval()
+    split = datasets.Dataset.from_parquet(str(noise_dir / "test-00000-of-00001.parquet"))
+    pixel_values = torch.stack([build_eval_transform(32)(row["image"].convert("RGB")) for row in split])
+    with torch.no_grad():
+        assert torch.equal(probe(pixel_values).logits.argmax(dim=1), top1)
+
+
 def test_default_probe_learns_in_few_steps_where_small_batch_lars_cannot(model_dir, colors_dir, tmp_path):
     short = ["--batch_size", "16", "--num_train_epochs", "4", "--augmentation", "none"]  # 12 steps
     results = eval_linear.main(common(model_dir, colors_dir, tmp_path / "small") + short)
@@ -275,6 +315,10 @@ def test_finetuning_learns_separable_classes(model_dir, colors_dir, tmp_path):
     assert results["steps"] == 12
     assert results["top1"] == 100.0
     assert (tmp_path / "model" / "model.safetensors").exists()
+    # a folder for others: the class names of the data and the evaluation transform as its processor
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1", "2": "2"} and config["label2id"] == {"0": 0, "1": 1, "2": 2}
+    assert json.loads((tmp_path / "model" / "preprocessor_config.json").read_text())["crop_size"]["height"] == 32
 
 
 def test_finetuning_with_mixup_cutmix_and_randaugment(model_dir, colors_dir, tmp_path):
