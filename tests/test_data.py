@@ -17,7 +17,6 @@ from _train_data import png_bytes, write_image_parquet
 from torchvision.transforms import v2
 
 import data_extrema as de  # the repository root is on sys.path (conftest.py)
-import train_extrema as te  # parse_args: the training flags the stream reads
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,12 +262,12 @@ def test_ranks_read_disjoint_parts_that_cover_the_data(tmp_path):
 # The training stream resumes exactly, whatever the number of workers
 
 
-def take_batches(dataset, args, position, count):
-    transform = de.build_train_transform("shared_crop_color", 32, color_on_device=args.color_on_device)
+def take_batches(dataset, position, count, num_workers, color_on_device=False):
+    """`count` batches of 3 from `position` on (which they update), as the training loop reads them (seed 0)."""
+    transform = de.build_train_transform("shared_crop_color", 32, color_on_device=color_on_device)
     batches = de.training_batches(
-        dataset, transform, (64,), position, torch.device("cpu"),
-        batch_size=args.per_device_train_batch_size, num_workers=args.num_workers, seed=args.seed,
-    )  # fmt: skip
+        dataset, transform, (64,), position, torch.device("cpu"), batch_size=3, num_workers=num_workers, seed=0
+    )
     return [next(batches) for _ in range(count)]
 
 
@@ -278,10 +277,9 @@ def test_training_stream_resumes_exactly(tmp_path, num_workers, color_on_device)
     write_image_parquet(tmp_path / "data", num_images=20, num_shards=3, broken={4})
     raw = de.load_raw_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
     dataset = de.rank_dataset(raw, 0, 1, seed=0, buffer_size=4)
-    args = te.parse_args(["--train_dir", "x", "--per_device_train_batch_size", "3", "--num_workers", str(num_workers)]
-                         + ["--color_on_device"] * color_on_device)  # fmt: skip
+    stream = dict(num_workers=num_workers, color_on_device=color_on_device)
     position = de.StreamPosition(epoch=1)
-    reference = take_batches(dataset, args, position, 9)  # 27 images from 19 decodable: the stream wraps around
+    reference = take_batches(dataset, position, 9, **stream)  # 27 images from 19 decodable: the stream wraps around
     assert sum(position.skipped_images.values()) >= 1
     # shared_crop_color: two float views, or one uint8 crop and the colour parameters of each view
     on_cpu, on_device = ["pixel_values", "pixel_values_teacher"], ["color_student", "color_teacher", "pixel_values"]
@@ -290,16 +288,16 @@ def test_training_stream_resumes_exactly(tmp_path, num_workers, color_on_device)
     assert reference[0]["pixel_values"].dtype == (torch.uint8 if color_on_device else torch.float32)
     for consumed in (3, 5):
         position = de.StreamPosition(epoch=1)
-        take_batches(dataset, args, position, consumed)
+        take_batches(dataset, position, consumed, **stream)
         saved = de.StreamPosition.from_json(json.loads(json.dumps(position.to_json())))
-        resumed = take_batches(dataset, args, saved, 9 - consumed)
+        resumed = take_batches(dataset, saved, 9 - consumed, **stream)
         for a, b in zip(reference[consumed:], resumed):
             for key in views + ["noise"]:
                 assert torch.equal(a[key], b[key])
     with pytest.raises(de.UsageError, match="resume with --num_workers"):
-        take_batches(dataset, te.parse_args(["--train_dir", "x", "--num_workers", "1"]), saved, 1)
+        take_batches(dataset, saved, 1, num_workers=1, color_on_device=color_on_device)
     # another epoch is another order
-    other = take_batches(dataset, args, de.StreamPosition(epoch=2), 1)[0]
+    other = take_batches(dataset, de.StreamPosition(epoch=2), 1, **stream)[0]
     assert not torch.equal(other["pixel_values"], reference[0]["pixel_values"])
 
 
