@@ -748,11 +748,10 @@ class StopSignals:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
-    def handle(self, signum, frame):
+    def handle(self, signum, frame):  # no logging here: a handler that takes the logging lock could deadlock
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        logger.warning("Received %s: the state is saved after this step.", signal.Signals(signum).name)
 
     def requested(self, accelerator) -> int | None:
         """The signal received (by any process), or None."""

@@ -27,6 +27,7 @@ import contextlib
 import math
 import random
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,16 @@ from timm.data import auto_augment as timm_auto_augment
 from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
-from cli_extrema import AT_LEAST_0, AT_LEAST_1, ArgumentParser, FRACTION, OPEN_UNIT, POSITIVE, UNIT_INTERVAL
+from cli_extrema import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION,
+    OPEN_UNIT,
+    POSITIVE,
+    UNIT_INTERVAL,
+    ArgumentParser,
+    Interrupted,
+)
 from _eval_common import (
     UsageError,
     add_eval_args,
@@ -65,7 +75,7 @@ from data_extrema import (
     build_eval_transform,
     example_seed,
 )
-from train_extrema import resolve_mixed_precision, resume, save_checkpoint
+from train_extrema import StopSignals, resolve_mixed_precision, resume, save_checkpoint
 
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # the official recipe's: 2 ops of magnitude 9 +- 0.5, increasing severity
 
@@ -294,6 +304,11 @@ class EvalHistory:
 
 def main(argv=None):
     args = parse_args(argv)
+    with StopSignals() as stop_signals:  # SIGTERM / Ctrl-C: a checkpoint, then a line saying how to resume
+        return finetune(args, stop_signals)
+
+
+def finetune(args, stop_signals):
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         log_with=None if args.report_to == "none" else args.report_to,
@@ -385,6 +400,19 @@ def main(argv=None):
             if args.stop_after_steps and step - first_step >= args.stop_after_steps:
                 stopped = True
                 break
+            received = stop_signals.requested(accelerator)
+            if received:
+                folder = output_dir / f"checkpoint-{step}"
+                if not (checkpoint_every and step % checkpoint_every == 0):  # not saved just above
+                    position = StreamPosition(epoch=epoch, batches=batch_index + 1)
+                    save_checkpoint(accelerator, folder, step, position, args.keep_checkpoints)
+                progress.close()
+                accelerator.end_training()
+                raise Interrupted(
+                    f"stopped by {signal.Signals(received).name} at step {step} of {total_steps}; the state is saved "
+                    f"in {folder}. Resume with the same flags and --resume_from_checkpoint latest.",
+                    128 + received,
+                )
         if stopped:
             break
         if args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0 and epoch + 1 < args.num_train_epochs:

@@ -5,6 +5,7 @@ Each case runs the entry point in this process through `cli_extrema.run_cli`, as
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -45,6 +46,15 @@ SCRIPTS = {
     "convert_official_checkpoint": convert_official_checkpoint,
 }
 TINY = dict(patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mask_ratio=0.75)
+
+
+@pytest.fixture(autouse=True)
+def no_stale_log_handlers():
+    """train_extrema's logging.basicConfig binds the root logger to the stderr of the test that ran it, which pytest
+    closes afterwards: later logging would print a logging error (with a traceback) into this test's stderr."""
+    logging.root.handlers.clear()
+    yield
+    logging.root.handlers.clear()
 
 
 def write_split(folder, split, images, labels=None, label_feature=None):
@@ -501,3 +511,28 @@ def test_a_truncated_parquet_shard_is_named(model_dir, data_dir, tmp_path, capsy
             str(tmp_path / "out"), "--num_workers", "0"]  # fmt: skip
     code, stderr = run_entry_point(eval_knn, argv, capsys)
     assert_refused(code, stderr, "train-00000-of-00001.parquet is not a readable Parquet file", tmp_path / "out")
+
+
+def test_sigterm_during_fine_tuning_saves_a_checkpoint_and_resumes(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """12 images in batches of 4: 3 steps per epoch, 2 epochs; SIGTERM during step 2, then a resume to the end."""
+    calls, training_loss = [], eval_finetune.training_loss
+
+    def preempted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_loss(*args, **kwargs)
+
+    monkeypatch.setattr(eval_finetune, "training_loss", preempted)
+    output_dir = tmp_path / "finetune"
+    argv = ["--model_name_or_path", str(model_dir), "--train_dir", str(data_dir), "--output_dir", str(output_dir),
+            "--num_workers", "0", "--batch_size", "4", "--num_train_epochs", "2", "--warmup_epochs", "0",
+            "--mixed_precision", "no", "--report_to", "none", "--checkpointing_steps", "no"]  # fmt: skip
+    code, stderr = run_entry_point(eval_finetune, argv, capsys)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors[0].startswith("error: stopped by SIGTERM at step 2 of 6") and "latest" in errors[0]
+    assert (output_dir / "checkpoint-2").is_dir() and not (output_dir / "results.json").exists()
+    monkeypatch.setattr(eval_finetune, "training_loss", training_loss)
+    resumed = eval_finetune.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert resumed["steps"] == 6 and (output_dir / "results.json").exists()
