@@ -201,11 +201,11 @@ class ExtremaEmbeddings(nn.Module):
         # image), so all masked views of the batch go through the encoder as one (B * num_masks, K, D) batch.
         ids_keep = check_ids_keep(ids_keep, batch_size=embeddings.shape[0], num_patches=embeddings.shape[1])
         num_masks, batch_size, _ = ids_keep.shape
-        batch_index = torch.arange(batch_size, device=embeddings.device).view(1, batch_size, 1)
-        embeddings = embeddings[batch_index, ids_keep]  # (M, B, K, D)
-        # image-major, (B * M, K, D): the views of image i are rows i*M .. i*M + M-1, so that row blocks follow the
-        # batch as in every other output (a batch of one image gives that image's rows)
-        return embeddings.transpose(0, 1).flatten(0, 1)
+        # Gathered image-major, (B, M, K, D) -> (B * M, K, D): the views of image i are rows i*M .. i*M + M-1, so that
+        # row blocks follow the batch as in every other output (a batch of one image gives that image's rows)
+        batch_index = torch.arange(batch_size, device=embeddings.device).view(batch_size, 1, 1)
+        embeddings = embeddings[batch_index, ids_keep.transpose(0, 1)]  # (B, M, K, D)
+        return embeddings.flatten(0, 1)
 
 
 def check_ids_keep(ids_keep: torch.Tensor, batch_size: int, num_patches: int) -> torch.LongTensor:

@@ -1,6 +1,6 @@
 """Semantic segmentation with UperNet on an ExtreMA backbone (the paper's Table 9: ADE20K, BEiT's protocol).
 
-    python scripts/eval_segmentation.py --model_name_or_path extrema-output/final --dataset_name scene_parse_150 \
+    python scripts/eval_segmentation.py --model_name_or_path extrema-output/final --train_dir data/ade20k-parquet \
         --reduce_labels --num_labels 150 --image_size 512 --output_dir eval/ade20k
 
 transformers' `UperNetForSemanticSegmentation` over `ExtremaBackbone` (`ExtremaForSemanticSegmentation`), trained as

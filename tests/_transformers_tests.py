@@ -46,7 +46,9 @@ CONFIG_COMMON_KWARGS = {
 def _fetch(version: str, target: Path) -> None:
     """Download the sdist of transformers `version` and extract its top-level tests/*.py into `target`."""
     with tempfile.TemporaryDirectory() as download_dir:
+        # bounded waits: offline, pip would otherwise retry for minutes before the module can skip
         command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet"]
+        command += ["--retries", "1", "--timeout", "30"]
         command += [f"transformers=={version}", "-d", download_dir]
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
         (sdist,) = Path(download_dir).glob("transformers-*.tar.gz")
@@ -96,8 +98,8 @@ def load():
                 if not (target / "__init__.py").exists():
                     _fetch(version, target)
     except (OSError, subprocess.SubprocessError, ValueError) as error:
-        detail = getattr(error, "stderr", None) or error
-        return None, f"transformers {version} source distribution unavailable ({str(detail).strip()[-300:]})"
+        detail = (str(getattr(error, "stderr", None) or error).strip().splitlines() or ["no message"])[-1]
+        return None, f"transformers {version} source distribution unavailable (pip download: {detail[-300:]})"
 
     package = types.ModuleType(PACKAGE)
     package.__path__ = [str(target)]

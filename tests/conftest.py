@@ -77,3 +77,11 @@ def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def pytest_configure(config):
+    # the markers of transformers' common model tests (tests/test_transformers_common.py), which transformers' own
+    # conftest registers
+    for marker in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test",
+                   "slow"):  # fmt: skip
+        config.addinivalue_line("markers", f"{marker}: a test of transformers' common model tests")

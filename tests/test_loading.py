@@ -65,3 +65,37 @@ def test_a_pre_training_folder_loads_its_teacher_without_a_report(tiny_config, t
     ExtremaForPreTraining(tiny_config).save_pretrained(tmp_path)
     _, info = ExtremaModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_the_remote_code_loads_the_teacher_and_refuses_a_backbone_folder(tiny_config, tmp_path):
+    """The same, through the folder's own code (trust_remote_code) in a process without this project."""
+    from _isolated import run_isolated
+
+    torch.manual_seed(0)
+    pre_training = ExtremaForPreTraining(tiny_config)
+    with torch.no_grad():
+        pre_training.teacher.encoder.cls_token.add_(1.0)  # the teacher differs from the student
+    pre_training.save_pretrained(tmp_path / "pre-training")
+    ExtremaBackbone(tiny_config).save_pretrained(tmp_path / "backbone")
+    torch.save(pre_training.teacher.state_dict(), tmp_path / "teacher.pt")
+    result = run_isolated(
+        f"""
+        import torch
+        from transformers import AutoModel, AutoModelForImageClassification
+
+        teacher = torch.load("teacher.pt")
+        for auto in (AutoModel, AutoModelForImageClassification):
+            model = auto.from_pretrained({str(tmp_path / "pre-training")!r}, trust_remote_code=True)
+            backbone = getattr(model, "extrema", model)
+            assert type(backbone).__module__.startswith("transformers_modules"), type(backbone).__module__
+            for key, tensor in backbone.state_dict().items():
+                assert torch.equal(tensor, teacher[key]), key
+        try:
+            AutoModel.from_pretrained({str(tmp_path / "backbone")!r}, trust_remote_code=True)
+        except ValueError as error:
+            print(error)
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "it was saved by ExtremaBackbone; a backbone folder has no class-attention blocks" in result.stdout

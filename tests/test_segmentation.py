@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from _isolated import run_isolated
-from _segmentation_data import NUM_LABELS, write_segmentation_parquet
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import eval_segmentation  # noqa: E402
+from segmentation_data import NUM_LABELS, write_segmentation_parquet  # noqa: E402
 from _eval_common import UsageError  # noqa: E402
 from configuration_extrema import ExtremaConfig  # noqa: E402
 from modeling_extrema import ExtremaModel  # noqa: E402

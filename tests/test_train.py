@@ -5,6 +5,7 @@ Everything runs on tiny Parquet datasets written by `_train_data.py`, the `tiny`
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -432,6 +433,13 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, color):
     assert resumed["loss"] == pytest.approx(one_go["loss"], abs=1e-6)
 
 
+def free_port() -> int:
+    """A port no other process listens on now (a fixed one clashes when two test runs share the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.parametrize(
     "fix", [[], ["--target_centering", "ema"]], ids=["official", "ema_centred"]
 )
@@ -456,7 +464,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, fix):
     logs = {}
     for processes in (1, 2):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29517 + processes + 2 * len(fix)), str(REPO / "train_extrema.py"), *argv,
+                   "--master_port", str(free_port()), str(REPO / "train_extrema.py"), *argv,
                    "--output_dir", str(tmp_path / f"{processes}")]  # fmt: skip
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -2,7 +2,9 @@
 placement (0: background, 1 + c: an object of CIFAR-10 class c), as Parquet in scene_parse_150's layout (`image`,
 `annotation`).
 
-    python tests/_segmentation_data.py --cifar10_dir ../shared/data/cifar10 --output_dir synthetic-seg
+    python benchmarks/segmentation_data.py --cifar10_dir ../shared/data/cifar10 --output_dir data/synthetic-seg
+
+The segmentation tests (tests/test_segmentation.py) and the measurements of docs/downstream.md use it.
 """
 
 import argparse
@@ -18,7 +20,7 @@ NUM_LABELS = 11  # background + the 10 CIFAR-10 classes
 
 
 def cifar_objects(cifar10_dir, split: str, count: int, skip: int = 0):
-    """(RGB PIL image, label) of the CIFAR-10 images skip .. skip + count - 1 of a split, read from its Parquet shards."""
+    """(RGB PIL image, label) of CIFAR-10 images skip .. skip + count - 1 of a split, read from its Parquet shards."""
     rows = []
     for path in sorted(Path(cifar10_dir).glob(f"{split}-*.parquet")):
         table = pq.read_table(path, columns=["image", "label"]).to_pylist()
@@ -71,14 +73,22 @@ def write_segmentation_parquet(folder, cifar10_dir, split="train", num_images=64
     return masks
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cifar10_dir", required=True)
+    parser.add_argument("--cifar10_dir", required=True, help="CIFAR-10 as Parquet shards (train-*, test-*)")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_train", type=int, default=2000)
-    parser.add_argument("--num_validation", type=int, default=500)
-    parser.add_argument("--size", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--num_train", type=int, default=2000, help="training examples (objects: CIFAR-10 train)")
+    parser.add_argument("--num_validation", type=int, default=500, help="validation examples (objects: CIFAR-10 test)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     write_segmentation_parquet(args.output_dir, args.cifar10_dir, "train", args.num_train, args.size, seed=0)
     write_segmentation_parquet(args.output_dir, args.cifar10_dir, "validation", args.num_validation, args.size,
                                seed=1, cifar_split="test")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
