@@ -45,8 +45,8 @@ from data_extrema import (
 )
 
 
-def add_eval_args(parser, batch_size: int = 256):
-    """The flags every script takes: the model, the data (the training script's flags), the output, sample caps."""
+def add_model_args(parser):
+    """The model a script reads: --model_name_or_path and the opt-in to the folder's own code."""
     parser.add_argument(
         "--model_name_or_path", required=True, help="an ExtreMA folder (e.g. <train output_dir>/final) or Hub id"
     )
@@ -55,6 +55,11 @@ def add_eval_args(parser, batch_size: int = 256):
         action="store_true",
         help="run the model folder's own Python code instead of this project's classes (only for folders you trust)",
     )
+
+
+def add_eval_args(parser, batch_size: int = 256):
+    """The flags every script takes: the model, the data (the training script's flags), the output, sample caps."""
+    add_model_args(parser)
     parser.add_argument("--output_dir", required=True, help="results.json (and PNGs) are written here")
     # with DataLoader workers, "the first N" are the first N / workers of each worker's shards: a fixed subset
     parser.add_argument("--max_train_samples", type=int, help="use only the first N images of the training split")

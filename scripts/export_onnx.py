@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from _eval_common import UsageError, load_extrema, run
+from _eval_common import UsageError, add_model_args, load_extrema, run
 from cli_extrema import ArgumentParser, prepare_output_dir
 
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
@@ -83,14 +83,7 @@ def onnx_max_difference(backbone, path, batch_sizes=(1, 3)) -> dict[str, float]:
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model_name_or_path", required=True, help="an ExtreMA folder (e.g. <train output_dir>/final) or Hub id"
-    )
-    parser.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="run the model folder's own Python code instead of this project's classes (only for folders you trust)",
-    )
+    add_model_args(parser)
     parser.add_argument("--output_dir", required=True, help="model.onnx (and model.pt2) are written here")
     parser.add_argument("--torch_export", action="store_true", help="also write a torch.export program, model.pt2")
     args = parser.parse_args(argv)
