@@ -465,7 +465,7 @@ class ExtremaPreTrainedModel(PreTrainedModel):
                 output_loading_info=True,
                 **kwargs,
             )
-        except Exception as error:  # safetensors' own error type, by name: this file imports only torch and transformers
+        except Exception as error:  # safetensors' error, by name: this file imports only torch and transformers
             if type(error).__name__ != "SafetensorError":
                 raise
             raise OSError(
@@ -544,9 +544,9 @@ class ExtremaModel(ExtremaPreTrainedModel):
     `last_hidden_state` is (B, 1 + N, D) after the final LayerNorm: index 0 is the class token, 1.. the patch tokens;
     `pooler_output` is the class token. With `ids_keep` (B, K) only the K listed patches are encoded; with
     `ids_keep` (num_masks, B, K) every image is encoded once per mask and the outputs are stacked image-major
-    (B * num_masks, 1 + K, D): the views of image i are rows i*M .. i*M + M-1. `attentions` holds one (B, H, N, N) map per self-attention layer, `class_attentions`
-    one (B, H, 1, 1 + N) map per class-attention layer; `hidden_states` the (B, N, D) patch tokens after the
-    embeddings and after every self-attention layer.
+    (B * num_masks, 1 + K, D): the views of image i are rows i*M .. i*M + M-1. `attentions` holds one (B, H, N, N)
+    map per self-attention layer, `class_attentions` one (B, H, 1, 1 + N) map per class-attention layer;
+    `hidden_states` the (B, N, D) patch tokens after the embeddings and after every self-attention layer.
     """
 
     def __init__(self, config: ExtremaConfig):
