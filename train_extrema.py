@@ -315,7 +315,7 @@ def parse_args(argv=None, **overrides) -> argparse.Namespace:
 def choose_recipe(argv: list[str]) -> tuple[str | None, bool]:
     """The recipe of a command line (--recipe; tiny-fashion-mnist when no data is given) and whether it names its own
     data (--dataset_name or --train_dir): the three flags that decide which defaults the other flags have."""
-    chooser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    chooser = ArgumentParser(add_help=False, allow_abbrev=False)  # its errors are one line too
     chooser.add_argument("--recipe", choices=sorted(RECIPES))
     chooser.add_argument("--dataset_name")
     chooser.add_argument("--train_dir")

@@ -294,10 +294,15 @@ def label_fraction_subset(args, split: str) -> set[int] | None:
 
 
 def resolve_validation_split(args) -> str:
-    """--validation_split, else the dataset's 'validation' or 'test' split (`default_validation_split`)."""
+    """--validation_split, else the dataset's 'validation' or 'test' split (`default_validation_split`). A split the
+    dataset does not have (--train_split too) is refused here, before any features are computed."""
+    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
+    names = split_names(builder)
+    for flag, split in (("--train_split", args.train_split), ("--validation_split", args.validation_split)):
+        if split and names and split not in names:
+            raise UsageError(f"The dataset has no split {split!r} ({flag}); its splits are {names}.")
     if args.validation_split:
         return args.validation_split
-    builder = open_dataset(args.dataset_name, args.dataset_config, args.train_dir, args.fashion_mnist_dir)
     split = default_validation_split(builder)
     if split is None:
         raise UsageError(

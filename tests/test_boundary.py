@@ -153,6 +153,8 @@ CASES = [
     ("eval_knn", ["--model:zero_heads"], "num_attention_heads"),
     ("eval_knn", ["--model:not_extrema"], "not ExtreMA"),
     ("eval_knn", ["--output_dir", "{files}/a_file"], "--output_dir"),
+    ("eval_knn", ["--validation_split", "nosuch"], "no split 'nosuch' (--validation_split)"),  # before the features
+    ("eval_linear", ["--train_split", "nosuch"], "no split 'nosuch' (--train_split)"),
     ("eval_linear", ["--num_train_epochs", "0"], "--num_train_epochs must be at least 1"),
     ("eval_linear", ["--learning_rate", "nan"], "--learning_rate must be a finite number"),
     ("eval_linear", ["--label_fraction", "1.5"], "--label_fraction must be in (0, 1]"),
@@ -438,6 +440,8 @@ def test_training_refusals_are_one_line(train_data, bad_models, tmp_path, monkey
         return run_entry_point(train_extrema, argv, capsys)
 
     (tmp_path / "a_file").write_text("")
+    code, stderr = run(["--recipe", "no-such-recipe"], tmp_path / "recipe")  # read before the other flags
+    assert_refused(code, stderr, "argument --recipe: invalid choice: 'no-such-recipe'", tmp_path)
     code, stderr = run([], tmp_path / "a_file" / "out")
     assert_refused(code, stderr, "--output_dir", tmp_path)
     code, stderr = run(["--min_learning_rate", "0.5"], tmp_path / "min_lr")
