@@ -32,7 +32,7 @@ Peak memory: on CUDA `torch.cuda.max_memory_allocated` over one step of that con
 from before the configuration was built to the end of one step, with freed heap returned to the OS first.
 
 Data mode: images/s of one worker (one process, one thread) decoding the JPEGs of a Parquet image dataset (the
-layout of `datasets` image datasets, e.g. ../shared/data/imagenet-sample) and applying
+layout of `datasets` image datasets, e.g. the shared ImageNet sample) and applying
 `data_extrema.build_train_transform(augmentation, image_size)` to make both views; with the colour on the device
 (`--color_on_device` of the training script) the worker's share instead: decode, crop, flip and draw the colour
 parameters. Then the cost of that colour augmentation on the benchmark's device, `data_extrema.device_views` on a

@@ -2,7 +2,7 @@
 placement (0: background, 1 + c: an object of CIFAR-10 class c), as Parquet in scene_parse_150's layout (`image`,
 `annotation`).
 
-    python benchmarks/segmentation_data.py --cifar10_dir ../shared/data/cifar10 --output_dir data/synthetic-seg
+    python benchmarks/segmentation_data.py --cifar10_dir path/to/cifar10-parquet --output_dir data/synthetic-seg
 
 The segmentation tests (tests/test_segmentation.py) and the measurements of docs/downstream.md use it.
 """
