@@ -594,11 +594,14 @@ def color_augment(pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def example_seed(seed: int, epoch: int, image) -> int:
-    """A seed for one image's augmentation and masks, from its content (identical on any rank, worker or resume)."""
+    """A seed for one image's augmentation and masks in one epoch, from its content (identical on any rank, worker or
+    resume). Seed, epoch and content are hashed together: torch's and numpy's generators keep only the low 32 bits of
+    a seed, so every bit of the result must depend on all three, or each epoch would repeat the first one's views."""
     if isinstance(image, dict):  # an undecoded `datasets.Image` cell: its bytes, or its path for image folders
         image = image.get("bytes") or image.get("path") or b""
     digest = zlib.crc32(image.encode() if isinstance(image, str) else bytes(image))
-    return ((seed * 1_000_003 + epoch) * 2**32 + digest) % 2**63
+    mixed = hashlib.blake2b(b"%d/%d/%d" % (seed, epoch, digest), digest_size=8).digest()
+    return int.from_bytes(mixed, "little") % 2**63
 
 
 @dataclass

@@ -48,6 +48,17 @@ STUDIES = {
         "0.75 x 2": {"mask_ratio": 0.75, "num_masks": 2},
         "0.75 x 4": {"mask_ratio": 0.75, "num_masks": 4},
     },
+    "recipe": {
+        "recipe": {},
+        "batch 128": {"per_device_train_batch_size": 128},
+        "batch 128, lr 2e-3": {"per_device_train_batch_size": 128, "learning_rate": 2e-3},
+        "lr 2e-3": {"learning_rate": 2e-3},
+        "momentum 0.96": {"ema_momentum": 0.96},
+        "0.5 x 2 masks": {"mask_ratio": 0.5, "num_masks": 2},
+        "crop_min 0.08": {"crop_min": 0.08},
+        "crop_min 0.4": {"crop_min": 0.4},
+        "weight decay 0.05": {"weight_decay": 0.05},
+    },
 }
 
 
@@ -84,11 +95,10 @@ def run_variant(folder: Path, changes: dict, train_dir=None, **budget) -> dict:
     result = train_extrema.train(
         recipe="tiny-cifar10",
         **({"train_dir": train_dir} if train_dir else {"dataset_name": "uoft-cs/cifar10"}),
-        **budget,
+        **{**budget, **changes},  # a variant may change the budget's batch too
         knn_k=20,
         report_to="none",
         output_dir=str(folder),
-        **changes,
     )
     epochs_per_step = 1 / result["steps_per_epoch"]
     return {

@@ -4,13 +4,18 @@ The data code (sources, decoding, transforms, labelled loaders) lives in `data_e
 and kNN in `eval_extrema.py`, so that evaluation reads images exactly as training does.
 """
 
+import contextlib
 import copy
 import json
 import math
+import random
+import re
+import signal
 import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from torchvision.transforms import v2
@@ -21,6 +26,7 @@ from cli_extrema import (
     AT_LEAST_0,
     AT_LEAST_1,
     SEED,
+    Interrupted,
     check_finite,
     check_ranges,
     prepare_output_dir,
@@ -35,6 +41,7 @@ from data_extrema import (
     count_examples,
     decode_image,
     default_validation_split,
+    example_seed,
     label_fraction_keys,
     labelled_loader,
     labelled_stream,
@@ -552,6 +559,134 @@ def save_grid(panels: list[torch.Tensor], path, ncols: int, title: str, captions
 
 
 COLORS = [(1.0, 0.1, 0.1), (0.1, 0.8, 0.1), (0.2, 0.4, 1.0), (0.9, 0.1, 0.9), (0.0, 0.9, 0.9), (1.0, 0.5, 0.0)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs (fine-tuning, segmentation): flags, layer-wise lr decay, draws that survive a resume, stopping
+
+
+def add_run_args(parser, checkpointing_steps: str):
+    """Saving, resuming, stopping and logging a training run, as train_extrema.py does them."""
+    group = parser.add_argument_group("running it")
+    group.add_argument(
+        "--checkpointing_steps", default=checkpointing_steps,
+        help="save the training state every N steps, 'epoch' (fine-tuning), or 'no'",
+    )  # fmt: skip
+    group.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep (0: all)")
+    group.add_argument("--resume_from_checkpoint", help="'latest' (in --output_dir) or a checkpoint folder")
+    group.add_argument("--stop_after_steps", type=int, help="stop after N steps of this run (for time-limited jobs)")
+    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "wandb", "trackio", "none"))
+    return group
+
+
+RUN_RANGES = {"keep_checkpoints": AT_LEAST_0, "stop_after_steps": AT_LEAST_0, "logging_steps": AT_LEAST_1}
+
+
+def check_run_args(args, choices=("epoch", "no")):
+    """--checkpointing_steps (a number or one of `choices`) and --resume_from_checkpoint, before anything is written."""
+    steps = args.checkpointing_steps
+    if steps not in choices and not (steps.isdigit() and int(steps) > 0):
+        names = " or ".join(repr(choice) for choice in choices)
+        raise UsageError(f"--checkpointing_steps takes a number of steps or {names}; got {steps!r}.")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder.")
+    return args
+
+
+def checkpoint_interval(args) -> int:
+    """--checkpointing_steps as a number of steps (0: not every N steps)."""
+    return int(args.checkpointing_steps) if args.checkpointing_steps.isdigit() else 0
+
+
+def layer_id(name: str, num_layers: int, prefix: str) -> int:
+    """Depth of a parameter for layer-wise lr decay, its backbone's parameters named `prefix`.*: the patch embedding
+    0, ViT block i is i + 1, the rest (class attention, final norm, heads) num_layers + 1."""
+    if name.startswith(f"{prefix}.embeddings."):
+        return 0
+    block = re.match(rf"{re.escape(prefix)}\.encoder\.layer\.(\d+)\.", name)
+    return int(block.group(1)) + 1 if block else num_layers + 1
+
+
+def layer_decay_param_groups(model, weight_decay: float, layer_decay: float, prefix: str, num_layers: int):
+    """AdamW groups with lr_scale = layer_decay ** (depth from the top), BEiT's layer-wise lr decay; no weight decay
+    on vectors (norms, biases, position tables) or the class token."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        depth = layer_id(name, num_layers, prefix)
+        no_decay = param.ndim < 2 or name.endswith("cls_token")
+        group = groups.setdefault(
+            (depth, no_decay),
+            {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr_scale": layer_decay ** (num_layers + 1 - depth)},
+        )  # fmt: skip
+        group["params"].append(param)
+    return list(groups.values())
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Run a block with python's, numpy's and torch's (CPU) global RNGs seeded by `seed`, restoring them after, so that
+    the block's draws depend on the seed alone and the draws around it are unchanged."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class SeededTransform:
+    """A random transform (torchvision's and timm's draw from the global RNGs) made a function of (seed, epoch,
+    image): each image's augmentation is drawn from `example_seed` of its content, so it does not depend on the
+    DataLoader worker, on what was drawn before, or on whether the run resumed. Set `epoch` before iterating the
+    epoch's loader. `key(*inputs)` gives the content to seed from (default: the first input's pixels)."""
+
+    def __init__(self, transform, seed: int, key=None):
+        self.transform, self.seed, self.epoch = transform, seed, 0
+        self.key = key or (lambda image, *rest: image.tobytes())
+
+    def __call__(self, *inputs):
+        with seeded_rngs(example_seed(self.seed, self.epoch, self.key(*inputs))):
+            return self.transform(*inputs)
+
+    def __repr__(self):
+        return f"SeededTransform(seed={self.seed}, epoch={self.epoch}, {self.transform!r})"
+
+
+def step_seed(seed: int, step: int, process_index: int) -> int:
+    """The seed of an optimizer step's draws on one process (mixup, drop path)."""
+    return ((seed * 1_000_003 + step) * 1024 + process_index) % 2**32
+
+
+class EvalHistory:
+    """The evaluations so far ({"step", ...}), saved with the checkpoints (`register_for_checkpointing`)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def state_dict(self):
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state):
+        self.rows = list(state["rows"])
+
+
+def stop_on_signal(accelerator, received: int, step: int, total_steps: int, folder: Path):
+    """End a run that SIGTERM / Ctrl-C asked to stop, its state saved in `folder`: `Interrupted`, with the line that
+    says how to resume."""
+    accelerator.end_training()
+    raise Interrupted(
+        f"stopped by {signal.Signals(received).name} at step {step} of {total_steps}; the state is saved in {folder}. "
+        "Resume with the same flags and --resume_from_checkpoint latest.",
+        128 + received,
+    )
 
 
 def write_results(output_dir, results: dict) -> Path:

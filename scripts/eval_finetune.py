@@ -23,14 +23,9 @@ before, so the run is the same function of the data whether it resumes or not. I
 """
 
 import argparse
-import contextlib
 import math
-import random
-import re
-import signal
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -49,14 +44,20 @@ from cli_extrema import (
     POSITIVE,
     UNIT_INTERVAL,
     ArgumentParser,
-    Interrupted,
 )
 from _eval_common import (
+    RUN_RANGES,
+    EvalHistory,
+    SeededTransform,
     UsageError,
     add_eval_args,
+    add_run_args,
     build_classifier,
+    check_run_args,
+    checkpoint_interval,
     evaluate,
     label_fraction_subset,
+    layer_decay_param_groups,
     load_extrema,
     parse_checked,
     resolve_validation_split,
@@ -64,6 +65,8 @@ from _eval_common import (
     save_classifier,
     split_loader,
     split_size_and_classes,
+    step_seed,
+    stop_on_signal,
     write_results,
 )
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -73,7 +76,6 @@ from data_extrema import (
     IMAGENET_STD,
     StreamPosition,
     build_eval_transform,
-    example_seed,
 )
 from train_extrema import StopSignals, resolve_mixed_precision, resume, save_checkpoint
 
@@ -109,16 +111,8 @@ def parse_args(argv=None):
         help="train on a class-balanced fraction of the training split, chosen by --seed (0.01, 0.1: the paper's "
         "semi-supervised settings)",
     )  # fmt: skip
-    group = parser.add_argument_group("running it")
-    group.add_argument(
-        "--checkpointing_steps", default="epoch", help="save the training state every N steps, 'epoch', or 'no'"
-    )
-    group.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep (0: all)")
-    group.add_argument("--resume_from_checkpoint", help="'latest' (in --output_dir) or a checkpoint folder")
-    group.add_argument("--stop_after_steps", type=int, help="stop after N steps of this run (for time-limited jobs)")
+    group = add_run_args(parser, checkpointing_steps="epoch")
     group.add_argument("--eval_every_epochs", type=int, default=0, help="evaluate every N epochs (0: at the end only)")
-    group.add_argument("--logging_steps", type=int, default=10)
-    group.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "wandb", "trackio", "none"))
     return parse_checked(parser, argv, FLAG_RANGES, check=check_args)
 
 
@@ -137,21 +131,14 @@ FLAG_RANGES = {
     "cutmix": AT_LEAST_0,
     "num_labels": (lambda value: value >= 2, "at least 2"),
     "label_fraction": OPEN_UNIT,
-    "keep_checkpoints": AT_LEAST_0,
-    "stop_after_steps": AT_LEAST_0,
     "eval_every_epochs": AT_LEAST_0,
-    "logging_steps": AT_LEAST_1,
+    **RUN_RANGES,
 }
 
 
 def check_args(args):
     """The settings that FLAG_RANGES cannot check (parse_checked checks those): refused before anything is written."""
-    if args.checkpointing_steps not in ("epoch", "no") and not (
-        args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0
-    ):
-        raise UsageError(
-            f"--checkpointing_steps takes a number of steps, 'epoch' or 'no'; got {args.checkpointing_steps!r}."
-        )
+    check_run_args(args)
     if args.auto_augment != "none":
         try:  # timm's parser of policy strings: a typo fails here, before the run starts
             finetune_transform(32, args.auto_augment, args.reprob)
@@ -159,43 +146,11 @@ def check_args(args):
             raise UsageError(
                 f"--auto_augment {args.auto_augment!r} is not a timm policy (e.g. {RANDAUGMENT}, or 'none'): {error}"
             ) from error
-    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
-        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder.")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The recipe's pieces: layer-wise lr decay, the training transform, mixup
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth of a parameter for layer-wise lr decay: patch embedding 0, ViT block i is i + 1, the rest (class
-    attention, final norm, head) num_layers + 1."""
-    if name.startswith("extrema.embeddings."):
-        return 0
-    block = re.match(r"extrema\.encoder\.layer\.(\d+)\.", name)
-    return int(block.group(1)) + 1 if block else num_layers + 1
-
-
-def layer_decay_param_groups(model, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with lr_scale = layer_decay ** (depth from the top) and no weight decay on vectors / cls_token."""
-    num_layers = model.config.num_hidden_layers
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        depth = layer_id(name, num_layers)
-        no_decay = param.ndim < 2 or name.endswith("cls_token")
-        group = groups.setdefault(
-            (depth, no_decay),
-            {
-                "params": [],
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr_scale": layer_decay ** (num_layers + 1 - depth),
-            },
-        )
-        group["params"].append(param)
-    return list(groups.values())
 
 
 def posterize(image, bits_to_keep, **kwargs):
@@ -228,38 +183,6 @@ def finetune_transform(image_size: int, auto_augment: str | None = RANDAUGMENT, 
     return transform
 
 
-@contextlib.contextmanager
-def seeded_rngs(seed: int):
-    """Run a block with python's, numpy's and torch's (CPU) global RNGs seeded by `seed`, restoring them after, so that
-    the block's draws depend on the seed alone and the draws around it are unchanged."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
-class SeededTransform:
-    """A random transform (timm's draw from the global RNGs) made a function of (seed, epoch, image): each image's
-    augmentation is drawn from `example_seed` of its pixels, so it does not depend on the DataLoader worker, on what
-    was drawn before, or on whether the run resumed. Set `epoch` before iterating the epoch's loader."""
-
-    def __init__(self, transform, seed: int):
-        self.transform, self.seed, self.epoch = transform, seed, 0
-
-    def __call__(self, image):
-        with seeded_rngs(example_seed(self.seed, self.epoch, image.tobytes())):
-            return self.transform(image)
-
-    def __repr__(self):
-        return f"SeededTransform(seed={self.seed}, epoch={self.epoch}, {self.transform!r})"
-
-
 def build_mixup(args, num_labels: int) -> Mixup | None:
     """timm's Mixup / CutMix (one of the two per batch) with label smoothing; None when both are off."""
     if args.mixup <= 0 and args.cutmix <= 0:
@@ -278,24 +201,6 @@ def training_loss(model, batch, mixup, label_smoothing: float):
         pixel_values, labels = pixel_values[:-1], labels[:-1]
     pixel_values, targets = mixup(pixel_values, labels)  # targets: (B, num_labels) probabilities
     return SoftTargetCrossEntropy()(model(pixel_values).logits, targets)
-
-
-def step_seed(seed: int, step: int, process_index: int) -> int:
-    """The seed of an optimizer step's draws on one process (mixup, drop path)."""
-    return ((seed * 1_000_003 + step) * 1024 + process_index) % 2**32
-
-
-class EvalHistory:
-    """The evaluations so far ({"epoch", "step", "top1", ...}), saved with the checkpoints."""
-
-    def __init__(self):
-        self.rows = []
-
-    def state_dict(self):
-        return {"rows": self.rows}
-
-    def load_state_dict(self, state):
-        self.rows = list(state["rows"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,7 +246,9 @@ def finetune(args, stop_signals):
             f"--min_learning_rate {args.min_learning_rate} is above the peak lr {peak_lr:.3g} (--learning_rate x "
             f"batch {total_batch} / 256): the cosine would raise the lr; lower --min_learning_rate."
         )
-    groups = layer_decay_param_groups(model, args.weight_decay, args.layer_decay)
+    groups = layer_decay_param_groups(
+        model, args.weight_decay, args.layer_decay, prefix="extrema", num_layers=model.config.num_hidden_layers
+    )
     optimizer = torch.optim.AdamW(
         [{**group, "lr": peak_lr * group["lr_scale"]} for group in groups], lr=peak_lr, betas=(0.9, 0.999)
     )
@@ -364,7 +271,7 @@ def finetune(args, stop_signals):
         history.rows.append({"epoch": epoch, "step": step, **metrics})
         accelerator.log({f"eval/{name}": metrics[name] for name in ("top1", "top5")}, step=step)
 
-    checkpoint_every = int(args.checkpointing_steps) if args.checkpointing_steps.isdigit() else 0
+    checkpoint_every = checkpoint_interval(args)
     output_dir, first_step, loss = Path(args.output_dir), step, float("nan")
     progress = tqdm(total=total_steps, initial=step, desc="fine-tune", disable=not accelerator.is_main_process)
     stopped = False
@@ -402,17 +309,12 @@ def finetune(args, stop_signals):
                 break
             received = stop_signals.requested(accelerator)
             if received:
+                progress.close()
                 folder = output_dir / f"checkpoint-{step}"
                 if not (checkpoint_every and step % checkpoint_every == 0):  # not saved just above
                     position = StreamPosition(epoch=epoch, batches=batch_index + 1)
                     save_checkpoint(accelerator, folder, step, position, args.keep_checkpoints)
-                progress.close()
-                accelerator.end_training()
-                raise Interrupted(
-                    f"stopped by {signal.Signals(received).name} at step {step} of {total_steps}; the state is saved "
-                    f"in {folder}. Resume with the same flags and --resume_from_checkpoint latest.",
-                    128 + received,
-                )
+                stop_on_signal(accelerator, received, step, total_steps, folder)
         if stopped:
             break
         if args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0 and epoch + 1 < args.num_train_epochs:

@@ -2,6 +2,7 @@
 
     python scripts/eval_segmentation.py --model_name_or_path extrema-output/final --train_dir data/ade20k-parquet \
         --reduce_labels --num_labels 150 --image_size 512 --output_dir eval/ade20k
+    python scripts/eval_segmentation.py ... --resume_from_checkpoint latest     # continue a stopped run exactly
 
 transformers' `UperNetForSemanticSegmentation` over `ExtremaBackbone` (`ExtremaForSemanticSegmentation`), trained as
 the paper does: AdamW, lr 1e-4, batch 16, weight decay 0.05, layer-wise lr decay 0.85, 80k iterations, linear
@@ -12,6 +13,11 @@ flips, applied to image and mask alike; evaluation: both resized to --image_size
 the classes present in the predictions or the annotations) and pixel accuracy, over the validation split. The model
 is saved to <output_dir>/model with its image processor: it loads with `AutoModelForSemanticSegmentation` and
 `pipeline("image-segmentation")` (trust_remote_code=True).
+
+The run saves its full state every --checkpointing_steps iterations, atomically, and on SIGTERM / Ctrl-C;
+--resume_from_checkpoint continues it exactly (an image's crop is drawn from (seed, epoch, its pixels), a step's drop
+path from (seed, step)). It evaluates every --eval_every_steps iterations, logs to --report_to and shows a progress
+bar, as the fine-tuning script does.
 
 Differences from the paper, kept simple here: the backbone's feature maps are all at the patch grid's scale (BEiT
 adds deconvolutions for a 4-scale pyramid), and evaluation is at --image_size, not sliding windows over the full
@@ -24,31 +30,41 @@ import io
 import math
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from cli_extrema import AT_LEAST_0, AT_LEAST_1, ArgumentParser, FRACTION, OPEN_UNIT, POSITIVE
 from _eval_common import (
+    RUN_RANGES,
+    EvalHistory,
+    SeededTransform,
     UsageError,
     add_eval_args,
+    add_run_args,
+    check_run_args,
+    checkpoint_interval,
+    layer_decay_param_groups,
     load_extrema,
     parse_checked,
     resolve_validation_split,
     run,
+    step_seed,
+    stop_on_signal,
     write_results,
 )
 from transformers import SegformerImageProcessor, get_polynomial_decay_schedule_with_warmup
 
 import modeling_extrema
-from data_extrema import IMAGENET_MEAN, IMAGENET_STD, decode_image, load_raw_stream, open_dataset
-from train_extrema import resolve_mixed_precision
+from data_extrema import IMAGENET_MEAN, IMAGENET_STD, StreamPosition, decode_image, load_raw_stream, open_dataset
+from train_extrema import StopSignals, resolve_mixed_precision, resume, save_checkpoint
 
 
 def parse_args(argv=None):
@@ -70,9 +86,10 @@ def parse_args(argv=None):
     group.add_argument("--warmup_steps", type=int, default=1500)
     group.add_argument("--drop_path_rate", type=float, default=0.1)
     group.add_argument("--decoder_hidden_size", type=int, default=512, help="UperNet's channels")
-    group.add_argument("--eval_every_steps", type=int, default=0, help="evaluate every N steps (0: at the end)")
     group.add_argument("--mixed_precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
-    return parse_checked(parser, argv, FLAG_RANGES)
+    group = add_run_args(parser, checkpointing_steps="2000")
+    group.add_argument("--eval_every_steps", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    return parse_checked(parser, argv, FLAG_RANGES, check=lambda args: check_run_args(args, choices=("no",)))
 
 
 FLAG_RANGES = {
@@ -86,6 +103,7 @@ FLAG_RANGES = {
     "decoder_hidden_size": AT_LEAST_1,
     "eval_every_steps": AT_LEAST_0,
     "image_size": AT_LEAST_1,
+    **RUN_RANGES,
 }
 
 
@@ -95,10 +113,13 @@ FLAG_RANGES = {
 
 class SegmentationExample:
     """A raw row {"image", "label": annotation} -> {"pixel_values" (3, S, S), "labels" (S, S) long}; None when the
-    image cannot be decoded. `joint` transforms image and mask alike (torchvision v2 resizes masks with nearest)."""
+    image cannot be decoded. `joint` transforms image and mask alike (torchvision v2 resizes masks with nearest); a
+    random one is drawn from (seed, epoch, the image's bytes) (`SeededTransform`), so a resumed run crops as the
+    uninterrupted one does."""
 
-    def __init__(self, joint, reduce_labels: bool, ignore_index: int):
-        self.joint, self.reduce_labels, self.ignore_index = joint, reduce_labels, ignore_index
+    def __init__(self, joint, reduce_labels: bool, ignore_index: int, seed: int = 0):
+        self.joint = SeededTransform(joint, seed, key=lambda image, mask: image.numpy().tobytes())
+        self.reduce_labels, self.ignore_index = reduce_labels, ignore_index
         self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __call__(self, row):
@@ -124,8 +145,8 @@ def _has_pixels(row) -> bool:
     return row["pixel_values"] is not None
 
 
-def segmentation_loader(args, builder, split, joint, shuffle: bool, max_samples=None):
-    """Batches {"pixel_values" (B, 3, S, S), "labels" (B, S, S)} of a split."""
+def segmentation_loader(args, builder, split, example: SegmentationExample, shuffle: bool, max_samples=None):
+    """Batches {"pixel_values" (B, 3, S, S), "labels" (B, S, S)} of a split, each row made by `example`."""
     stream = load_raw_stream(builder, split, args.image_column, args.label_column)
     if "label" not in (stream.column_names or ["label"]):
         raise UsageError(f"The split {split!r} has no annotation column; name it with --label_column.")
@@ -133,7 +154,6 @@ def segmentation_loader(args, builder, split, joint, shuffle: bool, max_samples=
         stream = stream.take(max_samples)
     if shuffle:
         stream = stream.shuffle(seed=args.seed, buffer_size=max(1, args.shuffle_buffer_size), max_buffer_input_shards=1)
-    example = SegmentationExample(joint, args.reduce_labels, args.ignore_index)
     stream = stream.map(example, remove_columns=["image", "label"]).filter(_has_pixels)
     return torch.utils.data.DataLoader(
         stream,
@@ -143,17 +163,8 @@ def segmentation_loader(args, builder, split, joint, shuffle: bool, max_samples=
     )
 
 
-def endless(loader):
-    """Batches of `loader`, epoch after epoch (a new shuffle each), for an iteration-based schedule."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Model: UperNet on the backbone's weights, layer-wise lr decay
+# Model: UperNet on the backbone's weights
 
 
 def default_out_indices(num_layers: int) -> list[int]:
@@ -191,30 +202,6 @@ def build_segmenter(backbone, args) -> "modeling_extrema.ExtremaForSemanticSegme
             f"The backbone's weights do not fit: missing {incompatible.missing_keys}, unexpected {unexpected}."
         )
     return model
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth for layer-wise lr decay: patch embedding 0, ViT block i is i + 1, the rest (final norm, heads) L + 1."""
-    if name.startswith("backbone.embeddings."):
-        return 0
-    block = re.match(r"backbone\.encoder\.layer\.(\d+)\.", name)
-    return int(block.group(1)) + 1 if block else num_layers + 1
-
-
-def layer_decay_param_groups(model, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with lr_scale = layer_decay ** (depth from the top); no weight decay on vectors (norms, biases,
-    position tables)."""
-    num_layers = model.config.backbone_config.num_hidden_layers
-    groups = {}
-    for name, param in model.named_parameters():
-        depth, no_decay = layer_id(name, num_layers), param.ndim < 2
-        group = groups.setdefault(
-            (depth, no_decay),
-            {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-             "lr_scale": layer_decay ** (num_layers + 1 - depth)},
-        )  # fmt: skip
-        group["params"].append(param)
-    return list(groups.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +247,16 @@ def evaluate(model, loader, accelerator, num_labels: int, ignore_index: int) -> 
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision))
+    with StopSignals() as stop_signals:  # SIGTERM / Ctrl-C: a checkpoint, then a line saying how to resume
+        return segment(args, stop_signals)
+
+
+def segment(args, stop_signals):
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
+    )
     set_seed(args.seed)
     backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     image_size = args.image_size or backbone.config.image_size
@@ -273,11 +269,14 @@ def main(argv=None):
     train_joint = v2.Compose(
         [v2.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip()]
     )
-    eval_joint = v2.Resize((image_size, image_size), antialias=True)
-    train_loader = segmentation_loader(args, builder, args.train_split, train_joint, True, args.max_train_samples)
-    eval_loader = segmentation_loader(args, builder, validation_split, eval_joint, False, args.max_eval_samples)
+    train_example = SegmentationExample(train_joint, args.reduce_labels, args.ignore_index, args.seed)
+    eval_example = SegmentationExample(v2.Resize((image_size, image_size), antialias=True), args.reduce_labels,
+                                       args.ignore_index)  # fmt: skip
+    train_loader = segmentation_loader(args, builder, args.train_split, train_example, True, args.max_train_samples)
+    eval_loader = segmentation_loader(args, builder, validation_split, eval_example, False, args.max_eval_samples)
 
-    groups = layer_decay_param_groups(model, args.weight_decay, args.layer_decay)
+    num_layers = model.config.backbone_config.num_hidden_layers
+    groups = layer_decay_param_groups(model, args.weight_decay, args.layer_decay, "backbone", num_layers)
     lr = args.learning_rate
     optimizer = torch.optim.AdamW([{**g, "lr": lr * g["lr_scale"]} for g in groups], lr=lr, betas=(0.9, 0.999))
     warmup = min(args.warmup_steps, args.max_train_steps - 1)
@@ -286,25 +285,70 @@ def main(argv=None):
     )
     model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
     train_loader = accelerator.prepare(train_loader)
+    history = EvalHistory()
+    accelerator.register_for_checkpointing(scheduler, history)  # saved and restored by save_state / load_state
+    step, position = resume(accelerator, args)
+    if args.report_to != "none":
+        accelerator.init_trackers("extrema-segmentation", config={k: v for k, v in vars(args).items() if v is not None})
 
-    history, loss, batches = [], float("nan"), endless(train_loader)
+    def evaluate_now():
+        metrics = evaluate(model, eval_loader, accelerator, args.num_labels, args.ignore_index)
+        history.rows.append({"step": step, **{k: metrics[k] for k in ("mean_iou", "pixel_accuracy")}})
+        accelerator.log({f"eval/{name}": metrics[name] for name in ("mean_iou", "pixel_accuracy")}, step=step)
+        model.train()
+        return metrics
+
+    # iterations, not epochs (the paper's 80k): the epochs of the stream follow one another, each reshuffled
+    checkpoint_every, output_dir, first_step, loss = checkpoint_interval(args), Path(args.output_dir), step, math.nan
+    progress = tqdm(total=args.max_train_steps, initial=step, desc="segmentation",
+                    disable=not accelerator.is_main_process)  # fmt: skip
+    epoch, skip = position.epoch, position.batches  # skip: batches of the epoch already trained on
     model.train()
-    for step in tqdm(range(1, args.max_train_steps + 1), desc="segmentation", disable=not accelerator.is_main_process):
-        batch = next(batches)
-        outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
-        accelerator.backward(outputs.loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        loss = accelerator.reduce(outputs.loss.detach(), "mean").item()
-        if args.eval_every_steps and step % args.eval_every_steps == 0 and step < args.max_train_steps:
-            metrics = evaluate(model, eval_loader, accelerator, args.num_labels, args.ignore_index)
-            history.append({"step": step, "mean_iou": metrics["mean_iou"], "pixel_accuracy": metrics["pixel_accuracy"]})
-            model.train()
-    metrics = evaluate(model, eval_loader, accelerator, args.num_labels, args.ignore_index)
-    history.append({"step": args.max_train_steps, "mean_iou": metrics["mean_iou"],
-                    "pixel_accuracy": metrics["pixel_accuracy"]})  # fmt: skip
+    while step < args.max_train_steps and not (args.stop_after_steps and step - first_step >= args.stop_after_steps):
+        train_example.joint.epoch = epoch  # the epoch's crops
+        train_loader.set_epoch(epoch)  # the epoch's shuffle
+        for batch_index, batch in enumerate(train_loader):
+            if batch_index < skip:
+                continue
+            set_seed(step_seed(args.seed, step, accelerator.process_index))  # drop path: the same after a resume
+            outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+            accelerator.backward(outputs.loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_now = max(scheduler.get_last_lr())  # the step's largest lr (layer decay scales the others down)
+            scheduler.step()
+            step += 1
+            loss = accelerator.reduce(outputs.loss.detach(), "mean").item()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_now:.2e}")
+            if step % args.logging_steps == 0:
+                accelerator.log({"train/loss": loss, "train/lr": lr_now}, step=step)
+            if args.eval_every_steps and step % args.eval_every_steps == 0 and step < args.max_train_steps:
+                evaluate_now()
+            position = StreamPosition(epoch=epoch, batches=batch_index + 1)
+            folder = output_dir / f"checkpoint-{step}"
+            saved = checkpoint_every and step % checkpoint_every == 0 and step < args.max_train_steps
+            if saved:
+                save_checkpoint(accelerator, folder, step, position, args.keep_checkpoints)
+            received = stop_signals.requested(accelerator)
+            if received:
+                progress.close()
+                if not saved:
+                    save_checkpoint(accelerator, folder, step, position, args.keep_checkpoints)
+                stop_on_signal(accelerator, received, step, args.max_train_steps, folder)
+            if step >= args.max_train_steps or (args.stop_after_steps and step - first_step >= args.stop_after_steps):
+                break
+        else:  # the epoch is over
+            epoch, skip = epoch + 1, 0
+            continue
+        break
+    progress.close()
+    if step < args.max_train_steps:  # --stop_after_steps (as a kill: the last checkpoint is where it continues)
+        accelerator.print(f"Stopped after step {step} (--stop_after_steps); continue with --resume_from_checkpoint.")
+        accelerator.end_training()
+        return None
 
+    metrics = evaluate_now()
     results = {
         "model": str(args.model_name_or_path),
         "eval_split": validation_split,
@@ -315,13 +359,15 @@ def main(argv=None):
         "learning_rate": args.learning_rate,
         "layer_decay": args.layer_decay,
         "out_indices": accelerator.unwrap_model(model).config.backbone_config.out_indices,
+        "mixed_precision": accelerator.mixed_precision,
         "final_train_loss": loss,
-        "eval_history": history,
+        "eval_history": history.rows,
         **metrics,
     }
     if accelerator.is_main_process:
         save_segmenter(accelerator.unwrap_model(model), f"{args.output_dir}/model", image_size, args.reduce_labels)
         write_results(args.output_dir, results)
+    accelerator.end_training()
     return results
 
 

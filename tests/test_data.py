@@ -401,3 +401,15 @@ def test_the_exported_processor_is_the_evaluation_transform(tmp_path, image_size
     actual = processor(image, return_tensors="pt").pixel_values[0]
     assert actual.shape == expected.shape == (3, image_size, image_size)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_every_epoch_draws_new_views_and_masks():
+    # torch's and numpy's generators keep the low 32 bits of a seed: the epoch must change those bits
+    from data_extrema import example_seed
+
+    cell = {"bytes": b"an image's bytes", "path": None}
+    seeds = [example_seed(0, epoch, cell) for epoch in range(50)]
+    assert len({seed % 2**32 for seed in seeds}) == 50
+    assert len({example_seed(seed, 0, cell) % 2**32 for seed in range(50)}) == 50
+    draws = [torch.rand(4, generator=torch.Generator().manual_seed(seed)) for seed in seeds[:2]]
+    assert not torch.equal(*draws)

@@ -289,10 +289,10 @@ def test_lars_rescales_weight_steps_by_the_trust_ratio():
 
 
 def test_layer_decay_groups_scale_lr_by_depth(model_dir):
-    from _eval_common import build_classifier
+    from _eval_common import build_classifier, layer_decay_param_groups
 
     model = build_classifier(load_extrema(str(model_dir)), 3, pooling="mean")
-    groups = eval_finetune.layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    groups = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.5, prefix="extrema", num_layers=2)
     by_param = {id(p): g for g in groups for p in g["params"]}
     names = dict(model.named_parameters())
     scale = lambda name: by_param[id(names[name])]["lr_scale"]  # noqa: E731

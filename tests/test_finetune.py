@@ -21,7 +21,7 @@ from conftest import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import eval_finetune  # noqa: E402
-from _eval_common import UsageError  # noqa: E402
+from _eval_common import UsageError, seeded_rngs  # noqa: E402
 from test_eval import colors_dir, common, model_dir  # noqa: E402, F401  (fixtures)
 
 
@@ -77,7 +77,7 @@ def test_mixup_mixes_images_and_targets_from_the_seed():
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
 
     def mix(seed):
-        with eval_finetune.seeded_rngs(seed):
+        with seeded_rngs(seed):
             return mixup(images.clone(), labels)
 
     mixed, targets = mix(7)

@@ -134,3 +134,49 @@ def test_an_invalid_setting_writes_nothing(tmp_path):
         eval_segmentation.main(["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out"),
                                 "--layer_decay", "0"])  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_after_a_stop_continues_exactly(segmentation_dir, tmp_path):
+    # 32 training images in batches of 8: 4 per epoch, so the stop (step 7) and the checkpoint it resumes from
+    # (step 4) fall at an epoch's end and inside the next; random crops, flips and drop path throughout
+    folder, _ = segmentation_dir
+    torch.manual_seed(0)
+    config = ExtremaConfig.from_preset("tiny", patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    ExtremaModel(config).save_pretrained(tmp_path / "backbone")
+
+    def flags(output_dir, *more):
+        return ["--model_name_or_path", str(tmp_path / "backbone"), "--train_dir", str(folder),
+                "--output_dir", str(tmp_path / output_dir), "--num_labels", str(NUM_LABELS), "--num_workers", "0",
+                "--max_train_steps", "10", "--warmup_steps", "2", "--batch_size", "8", "--decoder_hidden_size", "16",
+                "--mixed_precision", "no", "--learning_rate", "1e-3", "--drop_path_rate", "0.2",
+                "--eval_every_steps", "5", "--report_to", "none", *more]  # fmt: skip
+
+    whole = eval_segmentation.main(flags("whole", "--checkpointing_steps", "no"))
+    assert eval_segmentation.main(flags("parts", "--checkpointing_steps", "4", "--stop_after_steps", "7")) is None
+    assert sorted(p.name for p in (tmp_path / "parts").glob("checkpoint-*")) == ["checkpoint-4"]
+    resumed = eval_segmentation.main(flags("parts", "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert resumed["final_train_loss"] == whole["final_train_loss"]
+    assert resumed["eval_history"] == whole["eval_history"] and [row["step"] for row in whole["eval_history"]] == [5, 10]
+    from transformers import AutoModelForSemanticSegmentation
+
+    weights = [
+        AutoModelForSemanticSegmentation.from_pretrained(tmp_path / run / "model", trust_remote_code=True).state_dict()
+        for run in ("whole", "parts")
+    ]
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
+def test_the_crops_are_a_function_of_seed_epoch_and_image():
+    rng = np.random.default_rng(0)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = PIL.Image.fromarray(rng.integers(0, 11, (32, 32), dtype=np.uint8), mode="L")
+    joint = eval_segmentation.v2.RandomResizedCrop(16, scale=(0.25, 1.0), antialias=True)
+    example = eval_segmentation.SegmentationExample(joint, reduce_labels=False, ignore_index=255, seed=3)
+    row = {"image": image, "label": mask}
+    first = example(row)
+    torch.manual_seed(123)  # what was drawn before does not matter
+    again = example(row)
+    assert torch.equal(again["pixel_values"], first["pixel_values"]) and torch.equal(again["labels"], first["labels"])
+    example.joint.epoch = 1
+    assert not torch.equal(example(row)["pixel_values"], first["pixel_values"])
