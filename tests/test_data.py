@@ -383,6 +383,23 @@ def test_label_fraction_is_class_balanced_and_the_same_for_any_workers_and_proce
         de.label_fraction_keys(raw, 0, seed=0)
 
 
+def test_a_label_fraction_is_read_once_per_run_not_once_per_epoch(tmp_path, monkeypatch):
+    write_image_parquet(tmp_path / "data", num_images=40, num_shards=2, num_classes=4)
+    stream = de.labelled_stream(de.open_dataset(train_dir=tmp_path / "data"), "train")
+    keys = de.label_fraction_keys(stream, 0.25, seed=0)
+    loader = de.labelled_loader(
+        stream, de.build_eval_transform(16), batch_size=4, num_workers=2, seed=0, shuffle=True, subset_keys=keys
+    )
+    calls = []
+    monkeypatch.setattr(de, "subset_key", lambda *args: calls.append(args))  # the pass over the split is done
+    epochs = []
+    for epoch in range(2):
+        loader.dataset.set_epoch(epoch)  # what accelerate's prepared loader does
+        epochs.append([tuple(batch["label"].tolist()) for batch in loader])
+    assert calls == [] and sum(len(labels) for labels in epochs[0]) == 8  # round(0.25 x 10) of each class
+    assert sorted(sum(epochs[0], ())) == sorted(sum(epochs[1], ())) and epochs[0] != epochs[1]  # reshuffled
+
+
 @pytest.mark.parametrize(
     "image_size, width, height",
     [(32, 50, 40), (32, 40, 50), (32, 37, 91), (32, 300, 200), (32, 33, 33), (32, 101, 67), (32, 32, 48),
