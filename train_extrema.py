@@ -147,7 +147,8 @@ RECIPES = {
         target_centering="batch",
         head_norm="batchnorm",
         predictor_lr_multiplier=10.0,
-        per_device_train_batch_size=256,
+        # 4x the steps of batch 256 at the same lr per image: what limits a short run (docs/recipe-study.md)
+        per_device_train_batch_size=64,
         num_train_epochs=25,
         warmup_epochs=2,
         learning_rate=1e-3,

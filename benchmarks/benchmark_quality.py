@@ -37,7 +37,7 @@ from _eval_common import load_extrema, resolve_validation_split, run, split_load
 from benchmark_throughput import vitmae_config_like  # noqa: E402
 from data_extrema import add_data_args, build_eval_transform, build_train_transform  # noqa: E402
 from eval_extrema import extract_features, linear_probe_on_features, weighted_knn  # noqa: E402
-from train_extrema import param_groups  # noqa: E402
+from train_extrema import RECIPES, param_groups  # noqa: E402
 
 # method in the table -> variant of the `fixes` study of benchmarks/ablate.py
 EXTREMA_METHODS = {
@@ -52,7 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_train_epochs", type=float, default=3.0, help="epochs of EACH pre-training")
     parser.add_argument("--warmup_epochs", type=float, default=0.5)
-    parser.add_argument("--per_device_train_batch_size", type=int, default=256, help="the recipe's; for every method")
+    recipe_batch = RECIPES["tiny-cifar10"]["per_device_train_batch_size"]
+    parser.add_argument(
+        "--per_device_train_batch_size", type=int, default=recipe_batch, help="for every method (default: the recipe's)"
+    )
     parser.add_argument("--max_train_samples", type=int, default=10_000, help="gallery size (the first of each shard)")
     parser.add_argument("--max_eval_samples", type=int, default=2_000, help="queries (the first of each shard)")
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200])
