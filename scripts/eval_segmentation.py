@@ -304,9 +304,15 @@ def segment(args, stop_signals):
                     disable=not accelerator.is_main_process)  # fmt: skip
     epoch, skip = position.epoch, position.batches  # skip: batches of the epoch already trained on
     model.train()
-    while step < args.max_train_steps and not (args.stop_after_steps and step - first_step >= args.stop_after_steps):
+
+    def finished() -> bool:
+        stopped = args.stop_after_steps and step - first_step >= args.stop_after_steps
+        return step >= args.max_train_steps or bool(stopped)
+
+    while not finished():
         train_example.joint.epoch = epoch  # the epoch's crops
         train_loader.set_epoch(epoch)  # the epoch's shuffle
+        batch_index = -1
         for batch_index, batch in enumerate(train_loader):
             if batch_index < skip:
                 continue
@@ -336,12 +342,11 @@ def segment(args, stop_signals):
                 if not saved:
                     save_checkpoint(accelerator, folder, step, position, args.keep_checkpoints)
                 stop_on_signal(accelerator, received, step, args.max_train_steps, folder)
-            if step >= args.max_train_steps or (args.stop_after_steps and step - first_step >= args.stop_after_steps):
+            if finished():
                 break
-        else:  # the epoch is over
-            epoch, skip = epoch + 1, 0
-            continue
-        break
+        if batch_index < 0:
+            raise UsageError(f"The split {args.train_split!r} has no image with an annotation that can be read.")
+        epoch, skip = epoch + 1, 0
     progress.close()
     if step < args.max_train_steps:  # --stop_after_steps (as a kill: the last checkpoint is where it continues)
         accelerator.print(f"Stopped after step {step} (--stop_after_steps); continue with --resume_from_checkpoint.")

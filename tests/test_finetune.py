@@ -25,8 +25,8 @@ from _eval_common import UsageError, seeded_rngs  # noqa: E402
 from test_eval import colors_dir, common, model_dir  # noqa: E402, F401  (fixtures)
 
 
-def test_training_transform_is_timms_with_the_official_randaugment():
-    args = eval_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", "o"])
+def test_training_transform_is_timms_with_the_official_randaugment(tmp_path):
+    args = eval_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path / "o")])
     assert (args.auto_augment, args.reprob, args.mixup, args.cutmix) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0)
     assert (args.label_smoothing, args.layer_decay, args.drop_path_rate) == (0.1, 0.75, 0.1)
     steps = eval_finetune.finetune_transform(32, args.auto_augment, args.reprob).transforms
@@ -69,8 +69,8 @@ def test_augmentation_is_a_function_of_seed_epoch_and_image():
     assert not torch.equal(transform(image), first)
 
 
-def test_mixup_mixes_images_and_targets_from_the_seed():
-    args = eval_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", "o"])
+def test_mixup_mixes_images_and_targets_from_the_seed(tmp_path):
+    args = eval_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path / "o")])
     mixup = eval_finetune.build_mixup(args, num_labels=3)
     assert isinstance(mixup, Mixup)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing) == (0.8, 1.0, 0.1)
@@ -87,7 +87,8 @@ def test_mixup_mixes_images_and_targets_from_the_seed():
     again, again_targets = mix(7)
     assert torch.equal(again, mixed) and torch.equal(again_targets, targets)
     assert eval_finetune.build_mixup(
-        eval_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--mixup", "0", "--cutmix", "0"]), 3
+        eval_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--mixup", "0",
+                                  "--cutmix", "0"]), 3
     ) is None
 
 
