@@ -8,6 +8,8 @@
   of its changes to the official training, the official training itself, and InfoNCE (paper, Table 6) for scale.
 - `masking`: the paper's masking claims with the recipe: mask ratio 0.5 / 0.75 / 0.9 with one mask (Table 1: best
   near 0.8, worse beyond 0.9) and 1 / 2 / 4 masks at 0.75 (Table 2 and Figure 4: more masks learn faster).
+- `recipe`: what limits the recipe in a short run: the batch (the number of steps), the lr, more masks
+  (docs/recipe-study.md).
 
 Every variant changes only the flags listed in `STUDIES`, keeps the seed, and logs the teacher's weighted kNN top-1
 (k=20, T=0.07; gallery: --knn_train_samples training images, queries: --knn_val_samples test images, the first of every
