@@ -28,6 +28,7 @@ def test_stages_name_the_embeddings_and_every_block(config):
 def test_feature_maps_are_the_models_normalised_patch_tokens_as_images(config, tmp_path):
     """On a non-square input (positions interpolated), each map is the ExtremaModel's hidden state of that block
     after the final LayerNorm, laid out (B, D, H/p, W/p) with the patches row-major."""
+    torch.manual_seed(0)
     model = ExtremaModel(config).eval()
     model.save_pretrained(tmp_path)
     backbone = ExtremaBackbone.from_pretrained(tmp_path).eval()
@@ -38,7 +39,8 @@ def test_feature_maps_are_the_models_normalised_patch_tokens_as_images(config, t
     assert [tuple(f.shape) for f in out.feature_maps] == [(2, config.hidden_size, 6, 8)] * 3
     for feature_map, index in zip(out.feature_maps, config.out_indices):
         expected = model.layernorm(hidden_states[index])  # (B, N, D)
-        torch.testing.assert_close(feature_map.flatten(2).transpose(1, 2), expected, atol=1e-6, rtol=0)
+        # the same float32 ops in another order (the backbone's own forward): a few ulps of values around 1
+        torch.testing.assert_close(feature_map.flatten(2).transpose(1, 2), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.feature_maps[0][1, :, 2, 5], model.layernorm(hidden_states[1])[1, 2 * 8 + 5])
     assert len(out.hidden_states) == 4 and len(out.attentions) == 3
     assert all(a.shape == (2, config.num_attention_heads, 48, 48) for a in out.attentions)
