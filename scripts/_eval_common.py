@@ -17,6 +17,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from safetensors import SafetensorError
 from torchvision.transforms import v2
 from torchvision.utils import make_grid, save_image
@@ -50,6 +52,7 @@ from data_extrema import (
     open_dataset,
     split_names,
 )
+from train_extrema import resolve_mixed_precision
 
 
 def add_model_args(parser):
@@ -581,6 +584,16 @@ def add_run_args(parser, checkpointing_steps: str):
 
 
 RUN_RANGES = {"keep_checkpoints": AT_LEAST_0, "stop_after_steps": AT_LEAST_0, "logging_steps": AT_LEAST_1}
+
+
+def run_accelerator(args):
+    """The Accelerator of a training run: --mixed_precision (auto as train_extrema.py resolves it), trackers of
+    --report_to logging to <output_dir>/logs."""
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
+    )
 
 
 def check_run_args(args, choices=("epoch", "no")):

@@ -29,8 +29,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from timm.data import Mixup, create_transform
 from timm.data import auto_augment as timm_auto_augment
 from timm.loss import SoftTargetCrossEntropy
@@ -60,6 +59,7 @@ from _eval_common import (
     layer_decay_param_groups,
     load_extrema,
     parse_checked,
+    run_accelerator,
     resolve_validation_split,
     run,
     save_classifier,
@@ -77,7 +77,7 @@ from data_extrema import (
     StreamPosition,
     build_eval_transform,
 )
-from train_extrema import StopSignals, resolve_mixed_precision, resume, save_checkpoint
+from train_extrema import StopSignals, resume, save_checkpoint
 
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # the official recipe's: 2 ops of magnitude 9 +- 0.5, increasing severity
 
@@ -214,11 +214,7 @@ def main(argv=None):
 
 
 def finetune(args, stop_signals):
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(args.mixed_precision),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
-    )
+    accelerator = run_accelerator(args)
     set_seed(args.seed)
     backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     image_size = backbone.config.image_size

@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
@@ -54,6 +53,7 @@ from _eval_common import (
     layer_decay_param_groups,
     load_extrema,
     parse_checked,
+    run_accelerator,
     resolve_validation_split,
     run,
     step_seed,
@@ -64,7 +64,7 @@ from transformers import SegformerImageProcessor, get_polynomial_decay_schedule_
 
 import modeling_extrema
 from data_extrema import IMAGENET_MEAN, IMAGENET_STD, StreamPosition, decode_image, load_raw_stream, open_dataset
-from train_extrema import StopSignals, resolve_mixed_precision, resume, save_checkpoint
+from train_extrema import StopSignals, resume, save_checkpoint
 
 
 def parse_args(argv=None):
@@ -252,11 +252,7 @@ def main(argv=None):
 
 
 def segment(args, stop_signals):
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(args.mixed_precision),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
-    )
+    accelerator = run_accelerator(args)
     set_seed(args.seed)
     backbone = load_extrema(args.model_name_or_path, args.trust_remote_code)
     image_size = args.image_size or backbone.config.image_size
