@@ -52,7 +52,6 @@ from data_extrema import (
     open_dataset,
     split_names,
 )
-from train_extrema import resolve_mixed_precision
 
 
 def add_model_args(parser):
@@ -589,6 +588,10 @@ RUN_RANGES = {"keep_checkpoints": AT_LEAST_0, "stop_after_steps": AT_LEAST_0, "l
 def run_accelerator(args):
     """The Accelerator of a training run: --mixed_precision (auto as train_extrema.py resolves it), trackers of
     --report_to logging to <output_dir>/logs."""
+    # imported here: train_extrema imports the installed modeling_extrema, which a --trust_remote_code load must not
+    # find already imported by every script that reads this module
+    from train_extrema import resolve_mixed_precision
+
     return Accelerator(
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         log_with=None if args.report_to == "none" else args.report_to,
