@@ -57,6 +57,16 @@ STUDIES = {
         "batch 256": {"per_device_train_batch_size": 256},
         "batch 128, lr x 2": {"per_device_train_batch_size": 128, "learning_rate": 2e-3},
         "batch 256, 0.75 x 4 masks": {"per_device_train_batch_size": 256, "num_masks": 4},
+        "lr x 0.5": {"learning_rate": 5e-4},
+        "0.5 x 1 masks": {"mask_ratio": 0.5, "num_masks": 1},
+        "momentum 0.99": {"ema_momentum": 0.99},
+        "lr x 2": {"learning_rate": 2e-3},
+        "momentum 0.995": {"ema_momentum": 0.995},
+        "crop min 0.35": {"crop_min": 0.35},
+        "crop min 0.08": {"crop_min": 0.08},
+        "weight decay 0.05": {"weight_decay": 0.05},
+        "shared crop + colour": {"augmentation": "shared_crop_color"},
+        "crop min 0.5": {"crop_min": 0.5},
     },
 }
 
