@@ -59,3 +59,11 @@ def test_processes_sharing_a_study_folder_keep_each_others_variants(tmp_path, mo
     assert list(results["variants"]) == ["0.5 x 1", "0.9 x 1"]
     assert results["variants"]["0.9 x 1"] == other and results["variants"]["0.5 x 1"]["knn_top1"] == [30.0, 33.0]
     assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+@pytest.mark.parametrize("study", sorted(ablate.STUDIES))
+def test_every_variant_is_a_valid_change_to_the_recipe(study):
+    """A misspelt flag or an out-of-range value would otherwise surface only when its run starts, hours into a study."""
+    for name, changes in ablate.STUDIES[study].items():
+        args = ablate.train_extrema.parse_args([], recipe="tiny-cifar10", train_dir="cifar", **changes)
+        assert {flag: getattr(args, flag) for flag in changes} == changes, name
