@@ -139,8 +139,10 @@ def record_variant(output_dir: Path, study: str, name: str, run: dict, budget: d
         results = read_results(output_dir)
         results.update(study=study, recipe="tiny-cifar10", **budget)
         results["variants"][name] = run
-        order = list(STUDIES[study])  # the table's and the plot's order, whichever variant finished first
-        results["variants"] = dict(sorted(results["variants"].items(), key=lambda item: order.index(item[0])))
+        # the table's and the plot's order, whichever variant finished first; rows the study no longer defines (a
+        # renamed variant, a study edited while this one ran) are kept, last
+        order = {variant: index for index, variant in enumerate(STUDIES[study])}
+        results["variants"] = dict(sorted(results["variants"].items(), key=lambda item: order.get(item[0], len(order))))
         temporary = output_dir / "results.json.tmp"
         temporary.write_text(json.dumps(results, indent=2))
         os.replace(temporary, output_dir / "results.json")
@@ -179,6 +181,8 @@ def plot_curves(curves: dict, path: Path, title: str, levels: dict | None = None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if len(curves) > 10:  # the default cycle has 10 colours: more lines would share them
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, (epochs, top1) in curves.items():
         ax.plot(epochs, top1, marker="o", label=name)
     for name, level in (levels or {}).items():
@@ -188,7 +192,7 @@ def plot_curves(curves: dict, path: Path, title: str, levels: dict | None = None
     ax.set_ylabel("kNN top-1 (%), k=20")
     ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

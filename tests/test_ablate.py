@@ -67,3 +67,15 @@ def test_every_variant_is_a_valid_change_to_the_recipe(study):
     for name, changes in ablate.STUDIES[study].items():
         args = ablate.train_extrema.parse_args([], recipe="tiny-cifar10", train_dir="cifar", **changes)
         assert {flag: getattr(args, flag) for flag in changes} == changes, name
+
+
+def test_a_finished_run_is_recorded_beside_rows_the_study_no_longer_defines(tmp_path):
+    """A results.json row whose variant was renamed since must not cost the run that just finished its record."""
+    run = {"changes": {}, "epochs": [0, 1], "knn_top1": [30.0, 31.0], "wall_s": 1, "steps": 2, "steps_per_epoch": 2,
+           "final_dir": "g", "mixed_precision": "no"}  # fmt: skip
+    ablate.record_variant(tmp_path, "masking", "0.9 x 1", run, {"seed": 1})
+    stale = json.loads((tmp_path / "results.json").read_text())
+    stale["variants"] = {"an old name": run, **stale["variants"]}
+    (tmp_path / "results.json").write_text(json.dumps(stale))
+    results = ablate.record_variant(tmp_path, "masking", "0.5 x 1", run, {"seed": 1})
+    assert list(results["variants"]) == ["0.5 x 1", "0.9 x 1", "an old name"]
