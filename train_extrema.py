@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a preset ({', '.join(PRESETS)}), a config JSON, or a model folder (default: --init_from's, else tiny)",
     )
     group.add_argument(
+        "--config_overrides",
+        help='fields of the config over --model_config\'s, as transformers\' run_clm.py takes them: e.g. '
+        '"num_hidden_layers=6,hidden_size=192"',
+    )
+    group.add_argument(
         "--init_from",
         help="start from the weights of a folder: a backbone (exported by this script, or converted) initialises "
         "student and teacher; a full pre-training folder (convert_official_checkpoint.py --full) also the heads",
@@ -476,6 +481,7 @@ def build_config(args) -> ExtremaConfig:
     for field_name in ("drop_path_rate", "mask_ratio", "num_masks", "loss", "head_norm", "target_centering"):
         if getattr(args, field_name) is not None:
             overrides[field_name] = getattr(args, field_name)
+    overrides.update(parse_config_overrides(args.config_overrides))
     model_config = model_config_name(args)
     try:
         if model_config in PRESETS:
@@ -494,10 +500,37 @@ def build_config(args) -> ExtremaConfig:
     except (OSError, ValueError) as error:
         if isinstance(error, UsageError):
             raise
-        raise UsageError(f"--model_config {model_config}: {str(error).strip().splitlines()[0]}") from error
+        given = " ".join(filter(None, (f"--model_config {model_config}", args.config_overrides and "--config_overrides")))
+        raise UsageError(f"{given}: {str(error).strip().splitlines()[0]}") from error
     raise UsageError(
         f"--model_config {model_config!r} is neither a preset ({', '.join(PRESETS)}) nor a config file/folder."
     )
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """ "num_hidden_layers=6,hidden_size=192" as {"num_hidden_layers": 6, "hidden_size": 192}. Each value takes the
+    type of the field's default, as `PretrainedConfig.update_from_string` reads it; the config checks the values."""
+    defaults, overrides = ExtremaConfig().to_dict(), {}
+    for item in text.split(",") if text else []:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        default = defaults.get(key)
+        if not (sep and key and value):
+            raise UsageError(f"--config_overrides: {item!r} is not key=value (as num_hidden_layers=6,hidden_size=192)")
+        if key in ("model_type", "transformers_version") or not isinstance(default, (bool, int, float, str)):
+            raise UsageError(
+                f"--config_overrides: {key!r} is not a number, string or true/false field of ExtremaConfig (the "
+                "fields of a model's config.json; lists go in a config JSON given as --model_config)."
+            )
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise UsageError(f"--config_overrides: {key}={value} is not true or false.")
+            overrides[key] = value.lower() == "true"
+            continue
+        try:
+            overrides[key] = type(default)(value)
+        except ValueError:
+            raise UsageError(f"--config_overrides: {key}={value} is not a {type(default).__name__}.") from None
+    return overrides
 
 
 def build_model(accelerator, config: ExtremaConfig) -> ExtremaForPreTraining:
@@ -567,7 +600,7 @@ def load_initial_weights(model: ExtremaForPreTraining, folder) -> str:
         raise UsageError(
             f"--init_from {folder}: its weights do not fit this run's model ({len(misfits)} tensors differ, e.g. "
             f"{', '.join(misfits[:3])}). Build the model from the folder: leave out --model_config (or pass "
-            f"--model_config {folder}) and flags that change the architecture, such as --head_norm."
+            f"--model_config {folder}) and flags that change the architecture (--head_norm, --config_overrides)."
         )
     target.load_state_dict(saved_state, strict=False)
     if kind == "backbone":
@@ -976,7 +1009,7 @@ def recipe_summary(args, config, schedule: Schedule) -> dict:
     """The settings of a run, for the log and the model card."""
     return {
         "recipe": args.recipe or "custom",
-        "backbone": model_config_name(args),
+        "backbone": " ".join(filter(None, (model_config_name(args), args.config_overrides))),
         **({"initialised from": args.init_from} if args.init_from else {}),
         "data": args.dataset_name or args.train_dir or "Fashion-MNIST",
         "epochs / steps": f"{schedule.total_steps / schedule.steps_per_epoch:g} / {schedule.total_steps}",

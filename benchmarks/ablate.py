@@ -69,6 +69,8 @@ STUDIES = {
         "lr x 2": {"learning_rate": 2e-3},
         "0.5 x 1 masks": {"mask_ratio": 0.5, "num_masks": 1},
         "weight decay 0.05": {"weight_decay": 0.05},
+        "6 blocks": {"config_overrides": "num_hidden_layers=6"},
+        "crop min 0.7, 6 blocks": {"crop_min": 0.7, "config_overrides": "num_hidden_layers=6"},
     },
 }
 

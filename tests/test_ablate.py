@@ -67,6 +67,7 @@ def test_every_variant_is_a_valid_change_to_the_recipe(study):
     for name, changes in ablate.STUDIES[study].items():
         args = ablate.train_extrema.parse_args([], recipe="tiny-cifar10", train_dir="cifar", **changes)
         assert {flag: getattr(args, flag) for flag in changes} == changes, name
+        ablate.train_extrema.build_config(args)  # and --config_overrides builds a valid config
 
 
 def test_a_finished_run_is_recorded_beside_rows_the_study_no_longer_defines(tmp_path):

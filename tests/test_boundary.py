@@ -455,6 +455,17 @@ def test_training_refusals_are_one_line(train_data, bad_models, tmp_path, monkey
     assert_refused(code, stderr, "cannot be loaded", tmp_path)
     code, stderr = run(["--model_config", str(bad_models["not_extrema"])], tmp_path / "config")
     assert_refused(code, stderr, "is not an ExtreMA model folder", tmp_path)
+    for overrides, message in [
+        ("num_hidden_layers", "'num_hidden_layers' is not key=value"),
+        ("no_such_field=1", "'no_such_field' is not a number, string or true/false field of ExtremaConfig"),
+        ("out_indices=1", "'out_indices' is not a number, string or true/false field"),
+        ("num_hidden_layers=six", "num_hidden_layers=six is not a int"),
+        ("qkv_bias=maybe", "qkv_bias=maybe is not true or false"),
+        ("hidden_size=30", "hidden_size"),  # the config's own check: not a multiple of the heads
+    ]:
+        code, stderr = run(["--config_overrides", overrides], tmp_path / "overrides")
+        assert_refused(code, stderr, "--config_overrides", tmp_path)
+        assert message in stderr, stderr
 
     # a checkpoint of the tiny model, resumed with another --model_config
     assert run(["--checkpointing_steps", "1", "--stop_after_steps", "1"], tmp_path / "other")[0] == 0

@@ -205,6 +205,18 @@ def test_drop_path_rate_changes_the_config_only_when_given(tmp_path, tiny_config
     assert te.build_config(te.parse_args(["--recipe", "vit-base-mask08x5"])).drop_path_rate == 0.1  # the paper's
 
 
+def test_config_overrides_set_typed_fields_over_the_preset_and_show_in_the_summary():
+    args = te.parse_args(["--recipe", "tiny-cifar10", "--config_overrides", "num_hidden_layers=6, qkv_bias=false,"
+                          "layer_norm_eps=1e-5,hidden_act=relu"])
+    config = te.build_config(args)
+    fields = (config.num_hidden_layers, config.qkv_bias, config.layer_norm_eps, config.hidden_act)
+    assert fields == (6, False, 1e-5, "relu")
+    assert (config.hidden_size, config.patch_size, config.head_norm) == (128, 4, "batchnorm")  # preset's, recipe's
+    assert config.out_indices == [6]  # derived from the new depth, not the preset's
+    assert len(ExtremaForPreTraining(config).student.encoder.layer) == 6
+    assert te.parse_config_overrides(None) == te.parse_config_overrides("") == {}
+
+
 def test_gradient_checkpointing_recomputes_the_student_and_gives_the_same_gradients(tiny_config):
     """With it, the backward pass runs every student block again (so its activations need not be kept); the
     gradients are those of the plain model, drop path included (the recomputation replays the RNG)."""
