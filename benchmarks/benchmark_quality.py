@@ -2,7 +2,7 @@
 
     python benchmarks/benchmark_quality.py --train_dir path/to/cifar10 --num_train_epochs 3 --output_dir bench/quality
 
-Every pre-training gets the same number of epochs of the same batch (256) and seed:
+Every pre-training gets the same number of epochs of the same batch (the recipe's, 64) and seed:
 - ExtreMA (the tiny preset, `train_extrema.py --recipe tiny-cifar10` through `ablate.run_study("fixes", ...)`):
   BYOL with the recipe's fixes (centred targets, BatchNorm heads, predictor lr x10), BYOL as the official code trains
   it (no fix), and InfoNCE (paper, Table 6) with the official heads; features: the teacher's class token;
