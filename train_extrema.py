@@ -529,7 +529,8 @@ def parse_config_overrides(text: str | None) -> dict:
         try:
             overrides[key] = type(default)(value)
         except ValueError:
-            raise UsageError(f"--config_overrides: {key}={value} is not a {type(default).__name__}.") from None
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise UsageError(f"--config_overrides: {key}={value} is not {kind}.") from None
     return overrides
 
 

@@ -459,7 +459,8 @@ def test_training_refusals_are_one_line(train_data, bad_models, tmp_path, monkey
         ("num_hidden_layers", "'num_hidden_layers' is not key=value"),
         ("no_such_field=1", "'no_such_field' is not a number, string or true/false field of ExtremaConfig"),
         ("out_indices=1", "'out_indices' is not a number, string or true/false field"),
-        ("num_hidden_layers=six", "num_hidden_layers=six is not a int"),
+        ("num_hidden_layers=six", "num_hidden_layers=six is not an integer"),
+        ("layer_norm_eps=small", "layer_norm_eps=small is not a number"),
         ("qkv_bias=maybe", "qkv_bias=maybe is not true or false"),
         ("hidden_size=30", "hidden_size"),  # the config's own check: not a multiple of the heads
     ]:

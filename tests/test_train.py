@@ -205,7 +205,7 @@ def test_drop_path_rate_changes_the_config_only_when_given(tmp_path, tiny_config
     assert te.build_config(te.parse_args(["--recipe", "vit-base-mask08x5"])).drop_path_rate == 0.1  # the paper's
 
 
-def test_config_overrides_set_typed_fields_over_the_preset_and_show_in_the_summary():
+def test_config_overrides_set_typed_fields_over_the_preset():
     args = te.parse_args(["--recipe", "tiny-cifar10", "--config_overrides", "num_hidden_layers=6, qkv_bias=false,"
                           "layer_norm_eps=1e-5,hidden_act=relu"])
     config = te.build_config(args)
