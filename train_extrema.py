@@ -500,7 +500,7 @@ def build_config(args) -> ExtremaConfig:
     except (OSError, ValueError) as error:
         if isinstance(error, UsageError):
             raise
-        given = " ".join(filter(None, (f"--model_config {model_config}", args.config_overrides and "--config_overrides")))
+        given = f"--model_config {model_config}" + (" --config_overrides" if args.config_overrides else "")
         raise UsageError(f"{given}: {str(error).strip().splitlines()[0]}") from error
     raise UsageError(
         f"--model_config {model_config!r} is neither a preset ({', '.join(PRESETS)}) nor a config file/folder."
