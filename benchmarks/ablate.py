@@ -33,6 +33,10 @@ import train_extrema
 # flag -> value changes of each variant, on top of --recipe tiny-cifar10
 RECIPE_FIXES = {"target_centering": "batch", "head_norm": "batchnorm", "predictor_lr_multiplier": 10.0}
 CROP_0_2 = {"crop_min": 0.2}  # the recipe's crop scale until 2026-12-03
+CROP_0_5 = {"crop_min": 0.5}  # the recipe's crop scale of docs/recipe-study.md sections 6-8
+CLASS_TOKEN_HEADS = (  # heads 4x as wide (hidden 2048, not 512; 256 out, not 128), a third class-attention block
+    "projector_hidden_size=2048,projection_dim=256,predictor_hidden_size=2048,num_class_attention_layers=3"
+)
 STUDIES = {
     "fixes": {
         "recipe (BYOL + all fixes)": {},
@@ -52,25 +56,27 @@ STUDIES = {
         "0.75 x 4": {"mask_ratio": 0.75, "num_masks": 4},
     },
     # what limits the recipe at 3 epochs (docs/recipe-study.md). A row measured against an earlier recipe keeps that
-    # recipe's values: batch 256 until 2026-12-02, crops of 0.2-1 of the image until 2026-12-03.
+    # recipe's values: batch 256 until 2026-12-02, crops of 0.2-1 of the image until 2026-12-03, then 0.5-1.
     "recipe": {
-        "recipe (batch 64, crop min 0.5)": {},
+        "recipe (batch 64, crop min 0.7)": {},
         "crop min 0.2": CROP_0_2,
         "batch 128": {**CROP_0_2, "per_device_train_batch_size": 128},
         "batch 256": {**CROP_0_2, "per_device_train_batch_size": 256},
         "batch 128, lr x 2": {**CROP_0_2, "per_device_train_batch_size": 128, "learning_rate": 2e-3},
         "batch 256, 0.75 x 4 masks": {**CROP_0_2, "per_device_train_batch_size": 256, "num_masks": 4},
-        "momentum 0.99": {**CROP_0_2, "ema_momentum": 0.99},
+        "momentum 0.99, crop min 0.2": {**CROP_0_2, "ema_momentum": 0.99},
         "shared crop + colour, crop min 0.2": {**CROP_0_2, "augmentation": "shared_crop_color"},
         "crop min 0.35": {"crop_min": 0.35},
-        "crop min 0.7": {"crop_min": 0.7},
-        "shared crop + colour": {"augmentation": "shared_crop_color"},
-        "lr x 0.5": {"learning_rate": 5e-4},
-        "lr x 2": {"learning_rate": 2e-3},
-        "0.5 x 1 masks": {"mask_ratio": 0.5, "num_masks": 1},
-        "weight decay 0.05": {"weight_decay": 0.05},
+        "crop min 0.5": CROP_0_5,
+        "shared crop + colour": {**CROP_0_5, "augmentation": "shared_crop_color"},
+        "lr x 0.5": {**CROP_0_5, "learning_rate": 5e-4},
+        "lr x 2": {**CROP_0_5, "learning_rate": 2e-3},
+        "0.5 x 1 masks": {**CROP_0_5, "mask_ratio": 0.5, "num_masks": 1},
+        "weight decay 0.05": {**CROP_0_5, "weight_decay": 0.05},
         "6 blocks": {"config_overrides": "num_hidden_layers=6"},
-        "crop min 0.7, 6 blocks": {"crop_min": 0.7, "config_overrides": "num_hidden_layers=6"},
+        "momentum 0.99": {"ema_momentum": 0.99},
+        # what the class token is trained to carry (docs/recipe-study.md section 8)
+        "wide heads, 3 class-attention blocks": {"config_overrides": CLASS_TOKEN_HEADS},
     },
 }
 
