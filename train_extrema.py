@@ -144,8 +144,8 @@ RECIPES = {
         mask_ratio=0.75,
         num_masks=2,
         augmentation="crop_color",
-        # crops of 0.7-1 of the image, not ImageNet's 0.2-1: every 32 px view keeps most of the object; ahead of 0.2
-        # and of 0.5 after 3 epochs on two seeds and after 25 (docs/recipe-study.md)
+        # crops of 0.7-1 of the image, not ImageNet's 0.2-1: ahead of 0.2 and of 0.5 after 3 epochs on two seeds and
+        # after 25 (docs/recipe-study.md, sections 6 and 8)
         crop_min=0.7,
         target_centering="batch",
         head_norm="batchnorm",
