@@ -77,6 +77,7 @@ STUDIES = {
         "momentum 0.99": {"ema_momentum": 0.99},
         # what the class token is trained to carry (docs/recipe-study.md section 8)
         "wide heads, 3 class-attention blocks": {"config_overrides": CLASS_TOKEN_HEADS},
+        "0.75 x 4 masks": {"num_masks": 4},
     },
 }
 
